@@ -1,0 +1,106 @@
+"""Loading a Hugging Face causal LM and its tokenizer from a hub id, a local directory or a ``qlit-tiny/`` name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlit.errors import QlitError
+from qlit.hub import looks_local, offline_unless_reachable
+from qlit.models.quantization import Quantization, to_dtype
+from qlit.models.tiny import is_tiny, resolve_tiny
+
+
+def resolve_pretrained(name: str) -> str:
+    """What ``from_pretrained`` should be given for ``name``: tiny names become their built local directory."""
+    if is_tiny(name):
+        return resolve_tiny(name)
+    if looks_local(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise QlitError(f"Model directory '{name}' does not exist or holds no config.json.")
+        return str(path)
+    return name
+
+
+def _hub_error(name: str, what: str, err: Exception) -> QlitError:
+    return QlitError(
+        f"Could not load the {what} of '{name}': the Hugging Face Hub is unreachable or has no such id "
+        f"({type(err).__name__}); download it where the hub is reachable (`hf download {name} --local-dir DIR`) "
+        f"and set model.init_args.pretrained to DIR."
+    )
+
+
+def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    source = resolve_pretrained(name)
+    if source != name or looks_local(name):
+        return loader.from_pretrained(source, **kwargs)
+    with offline_unless_reachable():
+        try:
+            return loader.from_pretrained(source, **kwargs)
+        except OSError as err:  # transformers reports unreachable hubs and unknown ids as OSError
+            raise _hub_error(name, what, err) from None
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of model ``name``, with a pad token (the EOS token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(
+        AutoTokenizer, name, "tokenizer", revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    quantization: Quantization,
+    dtype: str,
+    device: torch.device,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load ``name`` onto ``device`` with the weights stored as ``quantization`` says.
+
+    The whole model goes onto the one device Lightning assigned to this process (never ``device_map="auto"``,
+    which would spread it over every GPU and break DDP/FSDP).
+    """
+    from transformers import AutoModelForCausalLM
+
+    quantization.check_device(device)
+    kwargs: dict[str, Any] = dict(
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=to_dtype(quantization.compute_dtype if quantization.is_quantized and dtype == "auto" else dtype)
+        if dtype != "auto" or quantization.is_quantized
+        else "auto",
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    bnb = quantization.to_bnb_config()
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": device}
+    model = _from_pretrained(AutoModelForCausalLM, name, "weights", **kwargs)
+    if bnb is None:
+        model.to(device)
+    elif device.type == "cpu":
+        _keep_cpu_4bit_trainable(model)
+    return model
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    # bitsandbytes (0.50) repacks a 4-bit weight into an AVX512-BF16 inference layout the first time a CPU
+    # Linear4bit runs in eval mode, and never repacks it back: training after a validation pass then fails
+    # ("a view of a leaf Variable ... in-place"). Fine-tuning alternates the two, so keep the trainable layout.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

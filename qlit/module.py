@@ -1,0 +1,297 @@
+"""QLitModule: one LightningModule for any Hugging Face causal LM, any quantization and any peft method."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from peft import PeftConfig
+from torchmetrics import MeanMetric, MetricCollection
+
+from qlit.errors import QlitError
+from qlit.models.loading import load_causal_lm
+from qlit.models.quantization import Quantization
+from qlit.optim import WarmupCosineLR
+from qlit.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class QLitModule(pl.LightningModule):
+    """Fine-tunes a Hugging Face causal LM, optionally quantized, with a peft adapter or fully.
+
+    The model is loaded in :meth:`configure_model`, onto the device Lightning gives this process, so that
+    multi-device strategies can place or shard it. What a validation batch is judged by comes from the
+    DataModule's task; loss and perplexity are logged for every task.
+
+    Args:
+        pretrained: hub id (``Qwen/Qwen2.5-0.5B-Instruct``), local directory, or ``qlit-tiny/<arch>`` for a tiny
+            offline model. The DataModule's tokenizer is linked to this value.
+        revision: hub revision (branch, tag or commit) of the weights.
+        trust_remote_code: run model code shipped in the hub repository; off unless you trust its author.
+        dtype: dtype of the weights that are not quantized (``auto``: the checkpoint's own, or the quantization's
+            compute dtype when quantized).
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ... (``None``: transformers' default).
+        quantization: how the base weights are stored (none, int8, nf4, fp4).
+        adapter: a peft config, e.g. ``class_path: peft.LoraConfig``; ``None`` trains every weight (full
+            fine-tuning, which needs an unquantized base).
+        prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
+            embeddings, input gradients for checkpointing) — the QLoRA recipe.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute).
+        optimizer: optimizer class and its arguments, e.g. ``bitsandbytes.optim.PagedAdamW8bit``.
+        lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
+        max_new_tokens: longest generation in validation, test and predict.
+        save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
+            log directory, in ``adapter/``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "qlit-tiny/qwen2",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        attn_implementation: str | None = "sdpa",
+        quantization: Quantization = Quantization(),
+        adapter: PeftConfig | None = None,
+        prepare_kbit: bool = True,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 16,
+        save_adapter: bool = True,
+    ) -> None:
+        super().__init__()
+        if quantization.is_quantized and adapter is None:
+            raise QlitError(
+                f"quantization mode '{quantization.mode}' stores frozen k-bit weights that cannot be fully "
+                "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
+            )
+        self.pretrained = pretrained
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.quantization = quantization
+        self.adapter = adapter
+        self.prepare_kbit = prepare_kbit
+        self.gradient_checkpointing = gradient_checkpointing
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.max_new_tokens = max_new_tokens
+        self.save_adapter = save_adapter
+        self.model: Any = None
+        self.task: Task = Task()
+        self.tokenizer: Any = None
+        # Checkpoints hold only what trains: a frozen (possibly 4-bit) base is reloaded from `pretrained`.
+        self.strict_loading = adapter is None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_metrics = MetricCollection({})
+        self.test_metrics = MetricCollection({})
+        self.save_hyperparameters(
+            {
+                "pretrained": pretrained,
+                "quantization": quantization.mode,
+                "compute_dtype": quantization.compute_dtype if quantization.is_quantized else dtype,
+                "adapter": type(adapter).__name__ if adapter is not None else "full",
+                "gradient_checkpointing": gradient_checkpointing,
+            }
+        )
+
+    # ----- building the model -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        model = load_causal_lm(
+            self.pretrained,
+            quantization=self.quantization,
+            dtype=self.dtype_name,
+            device=device,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
+        )
+        model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+        self.model = self._attach_adapter(model)
+
+    def _attach_adapter(self, model: Any) -> Any:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        ckpt_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of frozen-input layers
+        if self.quantization.is_quantized and self.prepare_kbit:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs=ckpt_kwargs,
+            )
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            if self.adapter is not None:
+                model.enable_input_require_grads()
+        if self.adapter is None:
+            return model
+        try:
+            return get_peft_model(model, self.adapter)
+        except ValueError as err:  # peft names the unknown target modules; keep its first sentence
+            raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        self.task = getattr(datamodule, "task", Task())
+        self.tokenizer = getattr(datamodule, "tokenizer", None)
+        # Submodules built here are moved to the device with the rest of the module by the strategy.
+        self.val_metrics = self.task.metrics().clone(prefix="val/")
+        self.test_metrics = self.task.metrics().clone(prefix="test/")
+
+    # ----- steps ----------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_loss, self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_loss, self.test_metrics)
+
+    def _eval_step(self, batch: dict[str, Any], loss_metric: MeanMetric, metrics: MetricCollection) -> dict[str, Any]:
+        out = self(batch)
+        # Token-weighted, so the epoch loss is the mean over every answer token, as perplexity is defined.
+        loss_metric.update(out.loss.detach().float(), weight=(batch["labels"][:, 1:] != -100).sum())
+        step: dict[str, Any] = {"loss": out.loss.detach()}
+
+        def generate(b: dict[str, Any]) -> list[str]:
+            texts, stats = self.generate(b)
+            step["generation"] = stats
+            return texts
+
+        self.task.update(metrics, batch, out.logits, generate)
+        return step
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_loss, self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_loss, self.test_metrics)
+
+    def _log_epoch(self, prefix: str, loss_metric: MeanMetric, metrics: MetricCollection) -> None:
+        if loss_metric.update_count == 0:
+            return
+        loss = loss_metric.compute()
+        self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=math.log(1e8))))
+        loss_metric.reset()
+        if len(metrics):
+            self.log_dict(metrics.compute(), prog_bar=True)
+            metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        texts, _ = self.generate(batch)
+        prompts = self._tokenizer().batch_decode(batch["prompt_input_ids"], skip_special_tokens=False)
+        pad = self._tokenizer().pad_token
+        return [
+            {
+                "prompt": p.replace(pad, "") if pad else p,
+                "generation": t,
+                "prediction": self.task.parse(t),
+                "reference": r,
+            }
+            for p, t, r in zip(prompts, texts, batch["reference"], strict=True)
+        ]
+
+    # ----- generation -------------------------------------------------------------------------------------------------
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise QlitError("generation needs the DataModule's tokenizer: run with a data section.")
+        return self.tokenizer
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+        """Greedy continuations of the batch's prompts, and their timing for the latency callback."""
+        tok = self._tokenizer()
+        prompt = batch["prompt_input_ids"]
+        if prompt.is_cuda:
+            torch.cuda.synchronize(prompt.device)
+        start = time.perf_counter()
+        out = self.model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        if prompt.is_cuda:
+            torch.cuda.synchronize(prompt.device)
+        seconds = time.perf_counter() - start
+        new = out[:, prompt.size(1) :]
+        # Tokens up to and including the first EOS were generated; the rest is padding of finished rows.
+        finished = (new == tok.eos_token_id).int().cumsum(dim=1)
+        new_tokens = int(((finished == 0) | ((finished == 1) & (new == tok.eos_token_id))).sum())
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        return texts, {"seconds": seconds, "samples": prompt.size(0), "new_tokens": new_tokens}
+
+    # ----- optimization ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise QlitError("nothing to train: the model has no trainable parameters.")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints and adapters ---------------------------------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter is None:
+            return
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter is None:
+            return
+        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise QlitError(
+                f"the checkpoint does not hold this adapter's weights (e.g. '{missing[0]}'): it was written by a run "
+                "with another adapter or model."
+            )
+
+    def on_fit_end(self) -> None:
+        if self.save_adapter and self.adapter is not None:
+            self._save_adapter()
+
+    @rank_zero_only
+    def _save_adapter(self) -> None:
+        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        self.save_adapter_to(target)
+        log.info("adapter saved to %s", target)
+
+    def save_adapter_to(self, directory: str | Path) -> None:
+        """Write the adapter in peft format (``adapter_config.json``, ``adapter_model.safetensors``) and tokenizer."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
