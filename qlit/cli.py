@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentError, lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -29,6 +30,8 @@ class QlitCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # QLitModule wires optimizer + scheduler itself
+        # Parse errors are raised, not printed with the whole usage: main() turns them into one sentence.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         super().__init__(
             QLitModule,
             QLitDataModule,
@@ -49,10 +52,43 @@ class QlitCLI(LightningCLI):
 
 
 def _quiet_third_party() -> None:
-    # bitsandbytes logs a warning on every CPU import about an optional kernels package it can do without.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*loftq_config.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value:",
+)
+
+
+def concise_parse_error(message: str) -> str:
+    """One sentence from jsonargparse's nested report: the full key of the offending option and what is wrong.
+
+    jsonargparse explains a bad value once per candidate type of each enclosing Union (e.g. ``QLitModule | None``);
+    only the innermost reason names the user's mistake.
+    """
+    keys: list[str] = []
+    reasons: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip().lstrip("- ").strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        match = re.match(r'(?:Parser key|Problem with given class_path [^:]+:)\s*"?([^":]*)"?:?$', line)
+        if line.startswith("Parser key"):
+            keys.append(line.split('"')[1])
+        elif match:
+            continue
+        else:
+            reasons.append(line)
+    reason = reasons[-1] if reasons else message.strip().splitlines()[0]
+    reason = re.sub(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", r"got '\2', expected one of \1", reason)
+    key = ".".join(k for k in keys if k)
+    return f"{key}: {reason}" if key else reason
 
 
 def main(args: Any = None) -> None:
@@ -63,3 +99,9 @@ def main(args: Any = None) -> None:
     except QlitError as err:
         print(f"qlit: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except MisconfigurationException as err:  # Lightning's word for a trainer setting this machine cannot honour
+        print(f"qlit: error: trainer: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ArgumentError as err:
+        print(f"qlit: error: {concise_parse_error(str(err))} (see `qlit --help`)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -96,15 +96,24 @@ class QLitModule(pl.LightningModule):
         self.test_loss = MeanMetric()
         self.val_metrics = MetricCollection({})
         self.test_metrics = MetricCollection({})
-        self.save_hyperparameters(
-            {
-                "pretrained": pretrained,
-                "quantization": quantization.mode,
-                "compute_dtype": quantization.compute_dtype if quantization.is_quantized else dtype,
-                "adapter": type(adapter).__name__ if adapter is not None else "full",
-                "gradient_checkpointing": gradient_checkpointing,
-            }
-        )
+
+    def study_hparams(self) -> dict[str, Any]:
+        """The columns a quantization study compares runs by (TensorBoard's hparams table)."""
+        q = self.quantization
+        return {
+            "pretrained": self.pretrained,
+            "quantization": q.mode,
+            "compute_dtype": q.compute_dtype if q.is_quantized else self.dtype_name,
+            "double_quant": bool(q.double_quant if q.double_quant is not None else q.is_4bit),
+            "adapter": type(self.adapter).__name__ if self.adapter is not None else "full",
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
+
+    def on_fit_start(self) -> None:
+        # Not save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored
+        # in checkpoints would be re-applied to the model's arguments when resuming with --ckpt_path.
+        for logger in self.loggers:
+            logger.log_hyperparams(self.study_hparams())
 
     # ----- building the model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -199,6 +208,7 @@ class QLitModule(pl.LightningModule):
         if len(metrics):
             self.log_dict(metrics.compute(), prog_bar=True)
             metrics.reset()
+        self.task.epoch_end(self, prefix)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         texts, _ = self.generate(batch)

@@ -35,6 +35,9 @@ class Task:
         """The prediction a generated text stands for (what ``qlit predict`` writes beside the text)."""
         return generation.strip()
 
+    def epoch_end(self, module: Any, prefix: str) -> None:
+        """Called after the epoch's metrics are logged (``prefix`` is ``val`` or ``test``): log text samples."""
+
 
 class LabelWordTask(Task):
     """Classification as a label word: the class whose word's first token the model scores highest wins.

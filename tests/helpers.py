@@ -1,0 +1,47 @@
+"""Running the qlit CLI in-process with its output under a test's temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlit.cli import QlitCLI, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_args(tmp_path: Path, *args: str) -> list[str]:
+    """``args`` plus the options that keep a run's logs and checkpoints inside ``tmp_path``, quietly."""
+    return [
+        *args,
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]
+
+
+def run_cli(tmp_path: Path, *args: str) -> QlitCLI:
+    """Run a subcommand and return the CLI object (its trainer and model stay inspectable)."""
+    return QlitCLI(args=cli_args(tmp_path, *args))
+
+
+def run_main(*args: str) -> int:
+    """Run ``qlit`` like the shell does; the exit code (0 when it returned normally)."""
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files under ``log_dir``: tag → [(step, value)]."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event_file in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

@@ -1,0 +1,164 @@
+"""QLitModule on the tiny Qwen2 model: quantized training, adapters that reload, adapter-only checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli, scalars
+from peft import LoraConfig
+
+from qlit.data import SST2DataModule
+from qlit.errors import QlitError
+from qlit.models.quantization import Quantization
+from qlit.module import QLitModule
+
+DEMO = "configs/demo.yaml"
+
+
+def lora() -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+
+
+@pytest.fixture(scope="module")
+def sst2_batch(tiny_qwen2):
+    dm = SST2DataModule(tokenizer="qlit-tiny/qwen2", path="qlit-samples/sst2", batch_size=8, max_length=128)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def build(mode: str, **kwargs) -> QLitModule:
+    module = QLitModule(
+        pretrained="qlit-tiny/qwen2",
+        quantization=Quantization(mode=mode, compute_dtype="float32"),
+        adapter=lora(),
+        **kwargs,
+    )
+    module.configure_model()
+    return module
+
+
+def test_overfitting_one_batch_nf4_lora_halves_the_loss(sst2_batch):
+    torch.manual_seed(0)
+    module = build("nf4")
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3)
+    losses = []
+    for _ in range(25):
+        loss = module(sst2_batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
+def test_each_quantization_mode_runs_a_training_step(sst2_batch, mode):
+    import bitsandbytes as bnb
+
+    module = build(mode)
+    layer = module.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit)
+    if mode != "int8":
+        assert layer.weight.quant_state.quant_type == mode
+    lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    before = [p.detach().clone() for p in lora_b]
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    loss = module(sst2_batch).loss
+    loss.backward()
+    opt.step()
+    assert math.isfinite(loss.item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_b, strict=True))
+
+
+def test_full_fine_tuning_of_a_quantized_base_is_refused():
+    with pytest.raises(QlitError, match="nf4"):
+        QLitModule(pretrained="qlit-tiny/qwen2", quantization=Quantization(mode="nf4"), adapter=None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"mode": "nf5"}, "nf5"), ({"mode": "int8", "double_quant": True}, "double_quant")],
+)
+def test_invalid_quantization_specs_are_refused(kwargs, message):
+    with pytest.raises(QlitError, match=message):
+        Quantization(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained_demo(tmp_path_factory):
+    """A short run of the demo config: 6 optimizer steps, checkpoint every 3, validation at the end."""
+    tmp = tmp_path_factory.mktemp("demo")
+    cli = run_cli(
+        tmp, "fit", "--config", DEMO, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
+        "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
+        "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null",
+    )
+    return cli, tmp
+
+
+def test_saved_adapter_reloads_onto_the_base_with_the_same_logits(trained_demo, sst2_batch):
+    from peft import PeftModel
+
+    from qlit.models.loading import load_causal_lm
+
+    cli, _ = trained_demo
+    adapter_dir = Path(cli.trainer.log_dir) / "adapter"
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+
+    module = cli.model.eval()
+    # The same base: the same NF4 weights loaded through the same from_pretrained path.
+    base = load_causal_lm(
+        module.model.peft_config["default"].base_model_name_or_path,
+        quantization=module.quantization,
+        dtype="auto",
+        device=torch.device("cpu"),
+    )
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    inputs = {k: sst2_batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = module.model(**inputs).logits
+        got = reloaded(**inputs).logits
+    # Same NF4 weights, same fp32 LoRA weights: equal well within bf16 resolution (2^-8 relative).
+    torch.testing.assert_close(got, expected, rtol=2**-8, atol=2**-8)
+    # The adapter is not a no-op: the trained model differs from the base.
+    with torch.no_grad(), reloaded.disable_adapter():
+        assert not torch.allclose(reloaded(**inputs).logits, expected, atol=1e-3)
+
+
+def test_checkpoints_hold_only_trainable_weights_and_resume(trained_demo):
+    cli, tmp = trained_demo
+    ckpt_dir = Path(cli.trainer.log_dir) / "checkpoints"
+    step3 = next(ckpt_dir.glob("*step=3*.ckpt"))
+    state = torch.load(step3, map_location="cpu", weights_only=False)
+    trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert set(state["state_dict"]) == trainable
+    assert all("lora_" in k for k in state["state_dict"])
+    assert state["optimizer_states"], "optimizer state must be kept for resuming"
+
+    resumed = run_cli(
+        tmp, "fit", "--config", DEMO, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
+        "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1", "--ckpt_path", str(step3),
+    )
+    assert resumed.trainer.global_step == 6
+    steps = [s for s, _ in scalars(resumed.trainer.log_dir)["train/loss"]]
+    assert min(steps) >= 3, f"a resumed run starts after the checkpoint's step, logged {steps}"
+    # The resumed run continues the same trajectory as the uninterrupted one (same seed, same data order).
+    original = dict(scalars(cli.trainer.log_dir)["train/loss"])
+    again = dict(scalars(resumed.trainer.log_dir)["train/loss"])
+    for step in sorted(set(original) & set(again)):
+        assert again[step] == pytest.approx(original[step], rel=1e-4, abs=1e-5)
+
+
+def test_the_demo_logs_train_and_validation_metrics(trained_demo):
+    cli, _ = trained_demo
+    logged = scalars(cli.trainer.log_dir)
+    for tag in ("train/loss", "val/loss", "val/perplexity", "val/accuracy"):
+        assert tag in logged, f"{tag} missing from {sorted(logged)}"
+    losses = [v for _, v in logged["train/loss"]]
+    assert losses[-1] < losses[0]
+    assert 0.0 <= logged["val/accuracy"][-1][1] <= 1.0
