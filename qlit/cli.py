@@ -9,11 +9,22 @@ import warnings
 from typing import Any
 
 from jsonargparse import ArgumentError, lazy_instance
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qlit.callbacks import (
+    GPUMemoryMonitor,
+    InferenceLatencyMonitor,
+    TokenThroughputMonitor,
+    TrainableParamsMonitor,
+    TrainingTimeMonitor,
+)
+from qlit.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
 from qlit.module import QLitModule
@@ -47,8 +58,22 @@ class QlitCLI(LightningCLI):
         # Always-on callbacks, each configurable under its own key (e.g. --checkpoint.every_n_train_steps 50).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
+        # The measurements of a quantization study, on in every run (README: "What is logged").
+        parser.add_lightning_class_args(GPUMemoryMonitor, "memory")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(TrainableParamsMonitor, "params")
+        parser.add_lightning_class_args(InferenceLatencyMonitor, "latency")
+        parser.add_lightning_class_args(TrainingTimeMonitor, "timing")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic writes and weights_only loads, unless the config chose its own CheckpointIO plugin.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def _quiet_third_party() -> None:
@@ -94,11 +119,20 @@ def concise_parse_error(message: str) -> str:
 def main(args: Any = None) -> None:
     """Entry point of the ``qlit`` command."""
     _quiet_third_party()
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
+            from qlit.export import export_main
+
+            export_main(argv[1:])
+            return
         QlitCLI(args=args)
     except QlitError as err:
         print(f"qlit: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except SIGTERMException:
+        print("qlit: interrupted: stopped after the running batch (see the checkpoint path above)", file=sys.stderr)
+        raise SystemExit(143) from None
     except MisconfigurationException as err:  # Lightning's word for a trainer setting this machine cannot honour
         print(f"qlit: error: trainer: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -16,12 +18,16 @@ from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.errors import QlitError
+from qlit.models.adapters import check_adapter
 from qlit.models.loading import load_causal_lm
 from qlit.models.quantization import Quantization
 from qlit.optim import WarmupCosineLR
 from qlit.tasks import Task
 
 log = logging.getLogger(__name__)
+
+#: Written beside a saved adapter: the base model and how it was stored (quantization) while the adapter trained.
+QLIT_BASE_FILE = "qlit_base.json"
 
 
 class QLitModule(pl.LightningModule):
@@ -42,6 +48,8 @@ class QLitModule(pl.LightningModule):
         quantization: how the base weights are stored (none, int8, nf4, fp4).
         adapter: a peft config, e.g. ``class_path: peft.LoraConfig``; ``None`` trains every weight (full
             fine-tuning, which needs an unquantized base).
+        adapter_path: a trained adapter in peft format (a directory with ``adapter_config.json``) to load onto the
+            base instead of creating a new one from ``adapter``: to continue training it, or to evaluate it.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
             embeddings, input gradients for checkpointing) — the QLoRA recipe.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute).
@@ -61,6 +69,7 @@ class QLitModule(pl.LightningModule):
         attn_implementation: str | None = "sdpa",
         quantization: Quantization = Quantization(),
         adapter: PeftConfig | None = None,
+        adapter_path: str | None = None,
         prepare_kbit: bool = True,
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -69,7 +78,7 @@ class QLitModule(pl.LightningModule):
         save_adapter: bool = True,
     ) -> None:
         super().__init__()
-        if quantization.is_quantized and adapter is None:
+        if quantization.needs_adapter and adapter is None and adapter_path is None:
             raise QlitError(
                 f"quantization mode '{quantization.mode}' stores frozen k-bit weights that cannot be fully "
                 "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
@@ -81,6 +90,7 @@ class QLitModule(pl.LightningModule):
         self.attn_implementation = attn_implementation
         self.quantization = quantization
         self.adapter = adapter
+        self.adapter_path = adapter_path
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.optimizer_factory = optimizer
@@ -91,11 +101,15 @@ class QLitModule(pl.LightningModule):
         self.task: Task = Task()
         self.tokenizer: Any = None
         # Checkpoints hold only what trains: a frozen (possibly 4-bit) base is reloaded from `pretrained`.
-        self.strict_loading = adapter is None
+        self.strict_loading = not self.has_adapter
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.val_metrics = MetricCollection({})
         self.test_metrics = MetricCollection({})
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter is not None or self.adapter_path is not None
 
     def study_hparams(self) -> dict[str, Any]:
         """The columns a quantization study compares runs by (TensorBoard's hparams table)."""
@@ -105,9 +119,14 @@ class QLitModule(pl.LightningModule):
             "quantization": q.mode,
             "compute_dtype": q.compute_dtype if q.is_quantized else self.dtype_name,
             "double_quant": bool(q.double_quant if q.double_quant is not None else q.is_4bit),
-            "adapter": type(self.adapter).__name__ if self.adapter is not None else "full",
+            "adapter": self._adapter_name(),
             "gradient_checkpointing": self.gradient_checkpointing,
         }
+
+    def _adapter_name(self) -> str:
+        if self.adapter is not None:
+            return type(self.adapter).__name__
+        return "loaded" if self.adapter_path else "full"
 
     def on_fit_start(self) -> None:
         # Not save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored
@@ -136,7 +155,12 @@ class QLitModule(pl.LightningModule):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         ckpt_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of frozen-input layers
-        if self.quantization.is_quantized and self.prepare_kbit:
+        if self.quantization.mode == "bitnet":
+            from qlit.models.bitnet import apply_bitnet
+
+            # Under an adapter the ternary base is frozen and packed (QLoRA + BitNet); alone it trains (QAT).
+            apply_bitnet(model, mode="frozen" if self.has_adapter else "qat")
+        if self.quantization.is_bitsandbytes and self.prepare_kbit:
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=self.gradient_checkpointing,
@@ -146,12 +170,31 @@ class QLitModule(pl.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             if self.adapter is not None:
                 model.enable_input_require_grads()
+        if self.adapter_path is not None:
+            return self._load_adapter(model)
         if self.adapter is None:
             return model
+        check_adapter(self.adapter, self.quantization)
+        self._complete_adapter_config()
         try:
             return get_peft_model(model, self.adapter)
-        except ValueError as err:  # peft names the unknown target modules; keep its first sentence
+        except (ValueError, TypeError, NotImplementedError) as err:  # peft names what it cannot wrap
             raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
+
+    def _load_adapter(self, model: Any) -> Any:
+        from peft import PeftModel
+
+        path = Path(self.adapter_path).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise QlitError(f"model.adapter_path '{self.adapter_path}' holds no adapter_config.json (peft format).")
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+
+    def _complete_adapter_config(self) -> None:
+        # AdaLoRA's rank budget schedule needs the run length, which only the trainer knows.
+        from peft import AdaLoraConfig
+
+        if isinstance(self.adapter, AdaLoraConfig) and not self.adapter.total_step and self._trainer is not None:
+            self.adapter.total_step = max(1, int(self.trainer.estimated_stepping_batches))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -257,6 +300,12 @@ class QLitModule(pl.LightningModule):
         texts = tok.batch_decode(new, skip_special_tokens=True)
         return texts, {"seconds": seconds, "samples": prompt.size(0), "new_tokens": new_tokens}
 
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        # AdaLoRA re-allocates ranks after every optimizer step, before the gradients it scores are cleared.
+        update = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
+        if update is not None and self.trainer.training:
+            update(self.global_step)
+
     # ----- optimization ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -275,13 +324,13 @@ class QLitModule(pl.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapter is None:
+        if not self.has_adapter:
             return
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapter is None:
+        if not self.has_adapter:
             return
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
@@ -291,8 +340,20 @@ class QLitModule(pl.LightningModule):
             )
 
     def on_fit_end(self) -> None:
-        if self.save_adapter and self.adapter is not None:
+        if self.save_adapter and self.has_adapter:
             self._save_adapter()
+        elif self.quantization.mode == "bitnet":
+            self._save_bitnet()
+
+    @rank_zero_only
+    def _save_bitnet(self) -> None:
+        from qlit.models.bitnet import save_packed
+
+        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "bitnet"
+        save_packed(self.model, target)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(target))
+        log.info("packed BitNet model saved to %s", target)
 
     @rank_zero_only
     def _save_adapter(self) -> None:
@@ -302,6 +363,18 @@ class QLitModule(pl.LightningModule):
 
     def save_adapter_to(self, directory: str | Path) -> None:
         """Write the adapter in peft format (``adapter_config.json``, ``adapter_model.safetensors``) and tokenizer."""
+        directory = Path(directory)
         self.model.save_pretrained(str(directory), safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
+        # How the base was stored while the adapter trained: `qlit export` rebuilds exactly that base to merge into.
+        (directory / QLIT_BASE_FILE).write_text(json.dumps(self.base_spec(), indent=2))
+
+    def base_spec(self) -> dict[str, Any]:
+        """What a merge needs to rebuild the base the adapter was trained on."""
+        return {
+            "pretrained": self.pretrained,
+            "revision": self.revision,
+            "dtype": self.dtype_name,
+            "quantization": dataclasses.asdict(self.quantization),
+        }

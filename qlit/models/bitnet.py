@@ -16,8 +16,10 @@ packed with ``apply_bitnet(model, mode="frozen")`` and saved with ``state_dict``
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -490,3 +492,50 @@ def bitnet_weight_bytes(model: nn.Module) -> dict[str, int]:
         "packed_bytes": packed,
         "bf16_bytes": 2 * params,
     }
+
+
+PACKED_WEIGHTS_FILE = "bitnet_model.safetensors"
+
+
+def save_packed(model: nn.Module, directory: str | Path) -> Path:
+    """Save a BitNet model with its projections packed (2 bits per weight) beside its ``config.json``.
+
+    A QAT model is packed on a copy, so the caller's model keeps training its latent weights. Reload with
+    :func:`load_packed`.
+
+    Args:
+        model: a Hugging Face model after :func:`apply_bitnet` (either mode).
+        directory: where ``config.json`` and ``bitnet_model.safetensors`` are written.
+
+    Returns:
+        The path of the weights file.
+    """
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    packed = copy.deepcopy(model)
+    apply_bitnet(packed, mode="frozen")
+    packed.config.save_pretrained(directory)
+    path = directory / PACKED_WEIGHTS_FILE
+    save_model(packed, str(path))  # save_model de-duplicates tied tensors (tied embeddings), save_file would refuse
+    return path
+
+
+def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a model written by :func:`save_packed`: the architecture from ``config.json``, packed ternary layers.
+
+    Args:
+        directory: the directory :func:`save_packed` wrote.
+        dtype: dtype of the unpacked parts (embeddings, norms, ``lm_head``) and of the computation.
+    """
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / PACKED_WEIGHTS_FILE).is_file():
+        raise QlitError(f"'{directory}' holds no {PACKED_WEIGHTS_FILE}: it is not a packed BitNet model.")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    apply_bitnet(model, mode="frozen")
+    load_model(model, str(directory / PACKED_WEIGHTS_FILE))
+    return model.eval()

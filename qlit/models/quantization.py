@@ -14,7 +14,7 @@ import torch
 from qlit.errors import QlitError
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
-QuantMode = Literal["none", "int8", "nf4", "fp4"]
+QuantMode = Literal["none", "int8", "nf4", "fp4", "bitnet"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STORAGE = {**_DTYPES, "uint8": torch.uint8}
@@ -33,8 +33,10 @@ class Quantization:
 
     Args:
         mode: ``none`` keeps the weights in ``QLitModule.dtype``; ``int8`` is LLM.int8() (Dettmers et al. 2022);
-            ``nf4`` / ``fp4`` are the 4-bit data types of QLoRA (Dettmers et al. 2023).
-        compute_dtype: dtype that the 4-bit layers de-quantize to for their matmuls.
+            ``nf4`` / ``fp4`` are the 4-bit data types of QLoRA (Dettmers et al. 2023); ``bitnet`` is BitNet b1.58
+            (Ma et al. 2024): ternary projection weights — trained through them (QAT) without an adapter, or frozen
+            and packed 2 bits per weight under an adapter (QLoRA + BitNet).
+        compute_dtype: dtype that the 4-bit (and BitNet) layers de-quantize to for their matmuls.
         double_quant: quantize the 4-bit quantization constants too (QLoRA's double quantization,
             ~0.37 bit/parameter saved). ``None`` means on for 4-bit modes; ``True`` with a non-4-bit mode is an error.
         quant_storage: dtype that packed 4-bit weights are stored in; FSDP needs it equal to the dtype of the
@@ -68,9 +70,18 @@ class Quantization:
         return self.mode in ("nf4", "fp4")
 
     @property
+    def is_bitsandbytes(self) -> bool:
+        return self.mode in ("int8", "nf4", "fp4")
+
+    @property
     def is_quantized(self) -> bool:
-        """True when the base weights are stored in a k-bit format and cannot be trained directly."""
+        """True when the base weights are stored or computed in a low-bit format."""
         return self.mode != "none"
+
+    @property
+    def needs_adapter(self) -> bool:
+        """bitsandbytes k-bit weights cannot be trained directly; BitNet trains its latent weights (QAT)."""
+        return self.is_bitsandbytes
 
     def check_device(self, device: torch.device) -> None:
         """Refuse what the device cannot run, before any weight is loaded."""
@@ -79,7 +90,7 @@ class Quantization:
 
     def to_bnb_config(self):
         """The ``BitsAndBytesConfig`` for this spec, or ``None`` when the weights are not quantized."""
-        if not self.is_quantized:
+        if not self.is_bitsandbytes:
             return None
         from transformers import BitsAndBytesConfig
 

@@ -1,0 +1,55 @@
+"""Lightning callbacks that measure a qlit run: GPU memory, throughput and MFU, parameter counts, generation latency
+and wall time.
+
+The qlit CLI turns each on in every run, configurable under its own key (``memory``, ``throughput``, ``params``,
+``latency``, ``timing``: e.g. ``--throughput.log_every_n_steps 10``); in plain Lightning code add them to the
+Trainer's ``callbacks``. All log from rank 0; throughput and generation numbers are global, summed or gathered over
+ranks.
+
+| Metric | Unit | Meaning |
+| --- | --- | --- |
+| `gpu/allocated_gib` | GiB | GPU memory held by tensors now (rank 0), every N steps |
+| `gpu/reserved_gib` | GiB | GPU memory held by PyTorch's caching allocator now (rank 0) |
+| `gpu/peak_allocated_gib` | GiB | peak of `gpu/allocated_gib` since the training epoch began (reset each epoch) |
+| `gpu/peak_reserved_gib` | GiB | peak of `gpu/reserved_gib` since the training epoch began (reset each epoch) |
+| `cpu/peak_rss_gib` | GiB | without CUDA, instead of the `gpu/*` metrics: the process's peak resident memory |
+| `train/tokens_per_sec` | tokens/s | real (non-padding, `attention_mask` = 1) tokens trained per second, all devices |
+| `train/padded_tokens_per_sec` | tokens/s | positions processed per second, padding included (batch × padded length) |
+| `train/padding_fraction` | ratio | share of processed positions that are padding |
+| `train/samples_per_sec` | samples/s | sequences trained per second, all devices |
+| `train/step_time_sec` | s | wall time of one optimizer step (all its accumulated micro-batches), validation excluded |
+| `train/model_tflops_per_sec` | TFLOP/s | analytic model FLOPs per second (`qlit.flops`), all devices |
+| `train/mfu` | ratio | model FLOP utilisation: `train/model_tflops_per_sec` over the devices' dense bf16 peak |
+| `params/trainable` | parameters | trainable parameters (also in the hyperparameter table) |
+| `params/total` | parameters | all parameters, a 4-bit weight counted at its logical size, as peft counts |
+| `params/trainable_ratio` | ratio | `params/trainable` / `params/total` |
+| `params/weight_gib` | GiB | storage of parameters and buffers (with 4-bit scales): shows the quantization saving |
+| `params/bitnet_weight_gib` | GiB | BitNet: storage of the ternary projection weights (2-bit packed when frozen) |
+| `params/bitnet_bf16_gib` | GiB | BitNet runs: what the same projection weights would occupy in bf16 |
+| `val/latency_ms_mean` | ms | mean per-sample latency of validation `generate` calls (a sample waits for its batch) |
+| `val/latency_ms_p95` | ms | 95th percentile of that latency |
+| `val/gen_tokens_per_sec` | tokens/s | generated tokens per second of generation time, all devices |
+| `test/latency_ms_mean` | ms | the same for test |
+| `test/latency_ms_p95` | ms | the same for test |
+| `test/gen_tokens_per_sec` | tokens/s | the same for test |
+| `predict/latency_ms_mean` | ms | the same for predict (written to the loggers directly and printed) |
+| `predict/latency_ms_p95` | ms | the same for predict |
+| `predict/gen_tokens_per_sec` | tokens/s | the same for predict |
+| `time/setup_seconds` | s | from fit set-up (before the model loads) to fit start: model load, quantization, adapters |
+| `time/first_step_seconds` | s | from fit set-up to the end of the first optimizer step |
+| `time/fit_seconds` | s | wall time of the whole fit |
+"""
+
+from qlit.callbacks.gpu_memory import GPUMemoryMonitor
+from qlit.callbacks.inference_latency import InferenceLatencyMonitor
+from qlit.callbacks.throughput import TokenThroughputMonitor
+from qlit.callbacks.trainable_ratio import TrainableParamsMonitor
+from qlit.callbacks.training_time import TrainingTimeMonitor
+
+__all__ = [
+    "GPUMemoryMonitor",
+    "InferenceLatencyMonitor",
+    "TokenThroughputMonitor",
+    "TrainableParamsMonitor",
+    "TrainingTimeMonitor",
+]

@@ -1,0 +1,95 @@
+"""GPU memory (allocated, reserved, per-epoch peaks) during training; the process's peak RSS where there is no GPU."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from qlit.callbacks._common import GIB, log_to_loggers, optimizer_step_done
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class GPUMemoryMonitor(Callback):
+    """Log rank 0's GPU memory every N optimizer steps and at each training epoch's end.
+
+    ``gpu/allocated_gib`` and ``gpu/reserved_gib`` are the memory in use by tensors and held by PyTorch's caching
+    allocator now; ``gpu/peak_allocated_gib`` and ``gpu/peak_reserved_gib`` their peaks since the current training
+    epoch began (the peak counters are reset at each epoch start, so the value logged at an epoch's end is that
+    epoch's peak, validation included). The numbers come from the allocator's own counters, which cost no device
+    synchronisation. Without CUDA the process's peak resident memory is logged instead (``cpu/peak_rss_gib``, since
+    the process started), which one info line says at set-up.
+
+    Args:
+        log_every_n_steps: Log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be at least 1, got {log_every_n_steps}.")
+        self.log_every_n_steps = log_every_n_steps
+        self._device: torch.device | None = None
+        self._every = 1
+        self._last_step = 0
+        self._said_cpu = False
+
+    @property
+    def _cuda(self) -> bool:
+        return self._device is not None and self._device.type == "cuda"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._device = trainer.strategy.root_device
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        if not self._cuda and not self._said_cpu:
+            self._said_cpu = True
+            rank_zero_info(
+                f"GPUMemoryMonitor: no CUDA device ({self._device}); logging the process's peak resident memory "
+                "(cpu/peak_rss_gib) instead of GPU memory."
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    @rank_zero_only
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if not optimizer_step_done(trainer, self._last_step):
+            return  # mid gradient accumulation
+        self._last_step = trainer.global_step
+        if trainer.global_step % self._every == 0:
+            self._log(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer)
+
+    def read(self) -> dict[str, float]:
+        """The memory metrics now, in GiB."""
+        if not self._cuda:
+            return {"cpu/peak_rss_gib": peak_rss_bytes() / GIB}
+        # One snapshot of the allocator's counters (host-side bookkeeping: no sync) rather than four calls.
+        stats = torch.cuda.memory_stats(self._device)
+        return {
+            "gpu/allocated_gib": stats.get("allocated_bytes.all.current", 0) / GIB,
+            "gpu/reserved_gib": stats.get("reserved_bytes.all.current", 0) / GIB,
+            "gpu/peak_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / GIB,
+            "gpu/peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GIB,
+        }
+
+    @rank_zero_only
+    def _log(self, trainer: Trainer) -> None:
+        log_to_loggers(trainer, self.read())

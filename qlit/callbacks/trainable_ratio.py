@@ -1,0 +1,124 @@
+"""Trainable and total parameter counts, and the bytes the weights occupy, logged once at fit start."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
+from qlit.models.bitnet import bitnet_weight_bytes
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Number of parameters a tensor stands for, counting a packed bitsandbytes 4-bit weight by its logical shape.
+
+    A ``Params4bit`` stores two 4-bit values per byte, so its ``numel`` is half the weight's (or less with a wider
+    ``quant_storage``); the logical shape is kept in its ``quant_state``. 8-bit ``Int8Params`` hold one byte per
+    value, so their ``numel`` is already right.
+    """
+    quant_state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and quant_state is not None and quant_state.shape is not None:
+        return math.prod(quant_state.shape)
+    return param.numel()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameters of ``model``, shared parameters once; agrees with peft's
+    ``PeftModel.get_nb_trainable_parameters()``.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        n = logical_numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of storage held by ``model``'s parameters and buffers, plus bitsandbytes' 4-bit quantization constants.
+
+    Written here rather than using transformers' ``get_memory_footprint`` because that one counts a tied tensor
+    once per reference and leaves out the per-block ``absmax`` scales of 4-bit weights (about 1/8 of their bytes).
+    """
+    seen: set[int] = set()
+    nbytes = 0
+
+    def add(t: Any) -> None:
+        nonlocal nbytes
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            nbytes += t.numel() * t.element_size()
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        while state is not None and hasattr(state, "absmax"):  # 4-bit state; nested quantization chains a state2
+            add(state.absmax)
+            add(getattr(state, "code", None))
+            add(getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+    return nbytes
+
+
+class TrainableParamsMonitor(Callback):
+    """Log the trainable and total parameter counts, their ratio and the weights' size once, at fit start.
+
+    Counted over the wrapped model (the module's ``.model``: the Hugging Face or peft model), with 4-bit weights at
+    their logical size, so the numbers match ``PeftModel.get_nb_trainable_parameters()``. They go to the loggers as
+    scalars (``params/trainable``, ``params/total``, ``params/trainable_ratio``, ``params/weight_gib``) and into the
+    hyperparameter table, next to the module's own hyperparameters, so runs can be compared by them.
+
+    Args:
+        log_hparams: Also add the numbers to the loggers' hyperparameters (TensorBoard's HPARAMS table).
+    """
+
+    def __init__(self, log_hparams: bool = True) -> None:
+        super().__init__()
+        self.log_hparams = log_hparams
+        self.metrics: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After configure_model and the strategy's set-up, so the model is loaded, quantized and wrapped by peft.
+        model = wrapped_model(pl_module)
+        trainable, total = count_parameters(model)
+        self.metrics = {
+            "params/trainable": float(trainable),
+            "params/total": float(total),
+            "params/trainable_ratio": trainable / total if total else 0.0,
+            "params/weight_gib": weight_bytes(model) / GIB,
+        }
+        bitnet = bitnet_weight_bytes(model)
+        if bitnet["layers"]:
+            self.metrics["params/bitnet_weight_gib"] = bitnet["resident_bytes"] / GIB
+            self.metrics["params/bitnet_bf16_gib"] = bitnet["bf16_bytes"] / GIB
+        self._log(trainer, pl_module)
+
+    @rank_zero_only
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        m = self.metrics
+        rank_zero_info(
+            f"Trainable parameters: {int(m['params/trainable']):,} of {int(m['params/total']):,} "
+            f"({100 * m['params/trainable_ratio']:.4f} %); weights occupy {m['params/weight_gib']:.3f} GiB"
+        )
+        log_to_loggers(trainer, m)
+        if not self.log_hparams:
+            return
+        hparams: dict[str, Any] = {}
+        # TensorBoard keeps the first hyperparameter record of a run and ignores later ones, and this hook runs just
+        # before Lightning records the module's hyperparameters: so record those too, in the same call.
+        if trainer.enable_autolog_hparams and getattr(pl_module, "_log_hyperparams", True):
+            if trainer.datamodule is not None and getattr(trainer.datamodule, "_log_hyperparams", True):
+                hparams.update(trainer.datamodule.hparams_initial)
+            hparams.update(pl_module.hparams_initial)
+            hparams.pop("_class_path", None)  # LightningCLI's internal key, which Lightning does not log either
+            study = getattr(pl_module, "study_hparams", None)  # QLitModule: model, quantization, adapter, ...
+            if callable(study):
+                hparams.update(study())
+        hparams.update(m)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
