@@ -137,5 +137,6 @@ def main(args: Any = None) -> None:
         print(f"qlit: error: trainer: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         raise SystemExit(1) from None
     except ArgumentError as err:
-        print(f"qlit: error: {concise_parse_error(str(err))} (see `qlit --help`)", file=sys.stderr)
+        command = "qlit export" if argv[:1] == ["export"] else "qlit"
+        print(f"qlit: error: {concise_parse_error(str(err))} (see `{command} --help`)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -149,6 +149,9 @@ class QLitModule(pl.LightningModule):
             attn_implementation=self.attn_implementation,
         )
         model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+        # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode as it finds it:
+        # left in eval, the decoder layers would skip gradient checkpointing (and dropout) during training.
+        model.train()
         self.model = self._attach_adapter(model)
 
     def _attach_adapter(self, model: Any) -> Any:

@@ -1,0 +1,310 @@
+"""``qlit export``: merge a trained adapter into its base and save a plain ``transformers`` model.
+
+The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` where neither qlit, peft nor bitsandbytes is
+installed. A base that trained quantized is de-quantized first, to the very weights the adapter was trained against
+(the 4-bit NF4/FP4 grid, not the original checkpoint), so the merged model computes what base + adapter computed
+in training: the QLoRA-faithful merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlit.errors import QlitError
+from qlit.hub import looks_local
+from qlit.models.loading import load_causal_lm, load_tokenizer, resolve_pretrained
+from qlit.models.quantization import DTypeName, Quantization, to_dtype
+from qlit.module import QLIT_BASE_FILE, QLitModule
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class _Base:
+    """The base an adapter trained on: where its weights are and how they were stored in training."""
+
+    pretrained: str
+    revision: str | None
+    dtype: str
+    quantization: Quantization
+
+    @property
+    def training_dtype(self) -> str | None:
+        """The dtype the adapted layers computed in (``None``: the checkpoint's own)."""
+        if self.quantization.is_quantized:
+            return self.quantization.compute_dtype
+        return None if self.dtype == "auto" else self.dtype
+
+
+def export_merged(
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    dtype: DTypeName | None = None,
+    dequantize: bool = True,
+    base: str | None = None,
+    quantization: Quantization | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    run_config: str | Path | None = None,
+) -> Path:
+    """Merge the adapter in ``adapter`` into its base and save the merged model and tokenizer in ``output``.
+
+    The base is read from ``qlit_base.json`` beside the adapter (written by ``qlit fit``); an adapter trained
+    elsewhere falls back to ``base_model_name_or_path`` of its ``adapter_config.json``, unquantized. Adapter and
+    base are merged in float32, so the weights are rounded to ``dtype`` once. This needs about 4 bytes of memory
+    per parameter on ``device``.
+
+    Args:
+        adapter: directory of a trained adapter in peft format (e.g. ``logs/demo/version_0/adapter``), or a
+            checkpoint of a qlit run with an adapter (e.g. ``logs/demo/version_0/checkpoints/last.ckpt``).
+        output: directory to write the merged model to; it must not exist or be empty, unless ``overwrite``.
+        dtype: dtype of the saved weights (``None``: the dtype the adapter computed in during training, i.e. the
+            quantization's compute dtype for a quantized base, else the base's dtype).
+        dequantize: merge into the de-quantized k-bit weights the adapter trained against (``True``), or into the
+            base checkpoint's original full-precision weights (``False``: closer to the original model, further
+            from what the adapter learned to correct). LLM.int8() also quantizes activations at run time, so an
+            int8-trained adapter is matched up to that rounding either way.
+        base: hub id or local directory of the base to use instead of the recorded one (e.g. a local copy of a hub
+            model); the recorded revision is then ignored.
+        quantization: how the base was stored in training, instead of the recorded one (e.g. ``mode: nf4`` for an
+            adapter trained with QLoRA outside qlit).
+        device: where to load and merge (``cpu``, ``cuda``, ``cuda:1``).
+        trust_remote_code: run model code shipped in the base's hub repository; off unless you trust its author.
+        overwrite: replace the contents of an existing non-empty ``output``.
+        run_config: for a checkpoint, the ``config.yaml`` of the run that wrote it (``None``: the one in the run's
+            log directory, two levels above the checkpoint, where ``qlit fit`` puts it).
+
+    Returns:
+        The directory the merged model was saved in.
+
+    Raises:
+        QlitError: when the adapter is missing or cannot be merged (prompt learning), ``output`` is taken, or the
+            adapter does not fit the base.
+    """
+    source, out_dir = Path(adapter).expanduser(), Path(output).expanduser()
+    if source.suffix == ".ckpt":
+        if not source.is_file():
+            raise QlitError(f"Checkpoint '{adapter}' does not exist.")
+    elif not (source / ADAPTER_CONFIG).is_file():
+        raise QlitError(f"Adapter directory '{adapter}' does not exist or holds no {ADAPTER_CONFIG} (peft format).")
+    _refuse_overwriting(out_dir, source)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QlitError(f"Output '{output}' is a file, not a directory.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise QlitError(f"Output directory '{output}' exists and is not empty: choose another or pass --overwrite.")
+    merge = functools.partial(
+        _merge_into_base,
+        name=str(adapter),
+        out_dir=out_dir,
+        dtype=dtype,
+        dequantize=dequantize,
+        base=base,
+        quantization=quantization,
+        device=torch.device(device),
+        trust_remote_code=trust_remote_code,
+    )
+    if source.is_dir():
+        return merge(source)
+    with tempfile.TemporaryDirectory(prefix="qlit-export-") as staged:
+        config = Path(run_config).expanduser() if run_config else source.resolve().parent.parent / "config.yaml"
+        _adapter_from_checkpoint(source, config, staged)
+        return merge(Path(staged))
+
+
+def _merge_into_base(
+    adapter_dir: Path,
+    *,
+    name: str,
+    out_dir: Path,
+    dtype: str | None,
+    dequantize: bool,
+    base: str | None,
+    quantization: Quantization | None,
+    device: torch.device,
+    trust_remote_code: bool,
+) -> Path:
+    from peft import PeftConfig
+
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, KeyError, TypeError) as err:  # e.g. a peft_type this peft version does not know
+        raise QlitError(
+            f"peft cannot read the adapter config of '{name}': {str(err).strip().splitlines()[0]}"
+        ) from None
+    if peft_config.is_prompt_learning:
+        raise QlitError(
+            f"Adapter '{name}' is {peft_config.peft_type.value}, which learns virtual tokens fed beside the input "
+            "rather than a change of weights, so there is nothing to merge: load it with peft.PeftModel instead."
+        )
+    spec = _read_base(adapter_dir, name, peft_config, base, quantization)
+    if spec.quantization.mode == "bitnet" and dequantize:
+        raise QlitError(
+            f"Adapter '{name}' trained on a BitNet b1.58 base, whose layers also quantize activations to 8 bits, "
+            "which a plain transformers model cannot compute: pass --dequantize false to merge into the original "
+            "full-precision weights instead."
+        )
+    if looks_local(spec.pretrained):
+        _refuse_overwriting(out_dir, Path(resolve_pretrained(spec.pretrained)))
+
+    load_as = spec.quantization if dequantize else Quantization()
+    model = load_causal_lm(
+        spec.pretrained,
+        quantization=load_as,
+        dtype=spec.dtype,
+        device=device,
+        revision=spec.revision,
+        trust_remote_code=trust_remote_code,
+    )
+    out_dtype = to_dtype(dtype or spec.training_dtype or _dtype_name(model.dtype))
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers' own inverse of its bitsandbytes loading: Linear4bit/Linear8bitLt become nn.Linear holding
+        # the weights the k-bit kernels computed with, and quantization_config leaves the config.
+        model = model.dequantize()
+    merged = _merge(model.to(torch.float32), adapter_dir, name, spec).to(out_dtype)
+    _save_atomically(merged, _tokenizer(adapter_dir, spec, trust_remote_code), out_dir)
+    return out_dir
+
+
+def _read_base(
+    adapter_dir: Path, name: str, peft_config: Any, base: str | None, quantization: Quantization | None
+) -> _Base:
+    spec_file = adapter_dir / QLIT_BASE_FILE
+    if spec_file.is_file():
+        try:
+            recorded = json.loads(spec_file.read_text())
+        except json.JSONDecodeError as err:
+            raise QlitError(f"'{spec_file}' is not valid JSON ({err.msg}, line {err.lineno}).") from None
+        fields = {f.name for f in dataclasses.fields(Quantization)}
+        spec = _Base(
+            pretrained=recorded.get("pretrained") or "",
+            revision=recorded.get("revision"),
+            dtype=recorded.get("dtype", "auto"),
+            quantization=Quantization(**{k: v for k, v in (recorded.get("quantization") or {}).items() if k in fields}),
+        )
+    else:  # an adapter trained outside qlit: peft records the base, not how it was stored
+        spec = _Base(
+            pretrained=peft_config.base_model_name_or_path or "",
+            revision=peft_config.revision,
+            dtype="auto",
+            quantization=Quantization(),
+        )
+    if base is not None:
+        spec.pretrained, spec.revision = base, None
+    if quantization is not None:
+        spec.quantization = quantization
+    if not spec.pretrained:
+        raise QlitError(f"Adapter '{name}' does not name its base model: pass --base with its hub id or directory.")
+    return spec
+
+
+def _adapter_from_checkpoint(ckpt: Path, run_config: Path, directory: str) -> None:
+    # A checkpoint holds only the adapter's tensors (QLitModule.on_save_checkpoint); which adapter and base they
+    # belong to is in the run's config, so the run's module is rebuilt from it to write them in peft format.
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if not run_config.is_file():
+        raise QlitError(
+            f"No run config '{run_config}' beside checkpoint '{ckpt}': pass --run_config with the run's config.yaml."
+        )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(QLitModule, "model", required=True)
+    model_config = (yaml.safe_load(run_config.read_text()) or {}).get("model")
+    if model_config is None:
+        raise QlitError(f"Run config '{run_config}' has no model section.")
+    module = parser.instantiate(parser.parse_object({"model": model_config})).model
+    if not module.has_adapter:
+        raise QlitError(f"Checkpoint '{ckpt}' is of a full fine-tuning run: it holds no adapter to merge.")
+    module.configure_model()
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # Lightning's own format, optimizer included
+    module.on_load_checkpoint(checkpoint)
+    unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False).unexpected_keys
+    if unexpected:
+        raise QlitError(f"Checkpoint '{ckpt}' holds '{unexpected[0]}', which the model of '{run_config}' lacks.")
+    module.save_adapter_to(directory)
+
+
+def _refuse_overwriting(out_dir: Path, reads: Path) -> None:
+    # The output is emptied before the merged model moves in: it must not be, or hold, what the export reads.
+    if out_dir.resolve() == reads.resolve() or out_dir.resolve() in reads.resolve().parents:
+        raise QlitError(f"Output directory '{out_dir}' would overwrite '{reads}', which the export reads.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _merge(model: Any, adapter_dir: Path, name: str, spec: _Base) -> Any:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as err:  # a state-dict mismatch: the adapter trained on another base
+        reason = str(err).strip().splitlines()[0]
+        raise QlitError(f"Adapter '{name}' does not fit base '{spec.pretrained}': {reason}") from None
+    try:
+        # safe_merge: peft checks the merged weights for NaN/inf before they replace the base's.
+        return peft_model.merge_and_unload(safe_merge=True)
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise QlitError(f"peft could not merge adapter '{name}': {reason}") from None
+
+
+def _tokenizer(adapter_dir: Path, spec: _Base, trust_remote_code: bool) -> Any:
+    # The tokenizer saved with the adapter is the one training used (its pad token included).
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    return load_tokenizer(spec.pretrained, revision=spec.revision, trust_remote_code=trust_remote_code)
+
+
+def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    # Written beside the target and renamed into place, so an interrupted export never leaves a half-written model
+    # where a loader would take it for a whole one.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def export_main(argv: list[str] | None = None) -> Path:
+    """``qlit export --adapter DIR --output DIR [--dtype bfloat16] [--base ID_OR_DIR]``: :func:`export_merged`.
+
+    Args:
+        argv: the arguments after ``export`` (``None``: ``sys.argv``).
+
+    Returns:
+        The directory the merged model was saved in.
+    """
+    from jsonargparse import auto_cli
+
+    out = auto_cli(
+        export_merged,
+        args=argv,
+        as_positional=False,
+        # Parse errors reach qlit.cli.main, which reports them in one line like every other qlit command.
+        prog="qlit export",
+        exit_on_error=False,
+    )
+    print(f"qlit export: merged model saved to {out}")
+    return out
