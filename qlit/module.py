@@ -53,6 +53,8 @@ class QLitModule(pl.LightningModule):
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
             embeddings, input gradients for checkpointing) — the QLoRA recipe.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute).
+        gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` through transformers; ``None`` means
+            ``{"use_reentrant": true}``, the variant the QLoRA recipe uses (with input gradients enabled).
         optimizer: optimizer class and its arguments, e.g. ``bitsandbytes.optim.PagedAdamW8bit``.
         lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
         max_new_tokens: longest generation in validation, test and predict.
@@ -72,6 +74,7 @@ class QLitModule(pl.LightningModule):
         adapter_path: str | None = None,
         prepare_kbit: bool = True,
         gradient_checkpointing: bool = False,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 16,
@@ -93,6 +96,7 @@ class QLitModule(pl.LightningModule):
         self.adapter_path = adapter_path
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.max_new_tokens = max_new_tokens
@@ -157,7 +161,7 @@ class QLitModule(pl.LightningModule):
     def _attach_adapter(self, model: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        ckpt_kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of frozen-input layers
+        ckpt_kwargs = dict(self.gradient_checkpointing_kwargs or {"use_reentrant": True})
         if self.quantization.mode == "bitnet":
             from qlit.models.bitnet import apply_bitnet
 
@@ -171,7 +175,9 @@ class QLitModule(pl.LightningModule):
             )
         elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-            if self.adapter is not None:
+            if self.has_adapter:
+                # Reentrant checkpointing only back-propagates into a segment whose inputs require grad; with a
+                # frozen embedding they would not, and the adapters inside would get no gradient.
                 model.enable_input_require_grads()
         if self.adapter_path is not None:
             return self._load_adapter(model)

@@ -10,7 +10,8 @@ configuration; run it in the same GPU session as the recipe you compare against 
 Keys: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), quant (nf4 | none), bs, seq, steps (timed), warmup
 (untimed), ckpt (gradient checkpointing), optim (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank,
 default 16), callbacks (true: all of qlit's measurement callbacks, false: none, or a list of memory | throughput |
-params | latency | timing), logger (TensorBoard logging on, default true).
+params | latency | timing), logger (TensorBoard logging on, default true), reentrant (reentrant activation
+checkpointing, default true).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def run(
     r: int = 16,
     callbacks: bool | list[str] = True,
     logger: bool = True,
+    reentrant: bool = True,
 ) -> dict[str, Any]:
     from peft import LoraConfig
 
@@ -144,6 +146,7 @@ def run(
         quantization=Quantization(mode=quant, compute_dtype="bfloat16") if quant != "none" else Quantization(),
         adapter=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         gradient_checkpointing=ckpt,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -193,6 +196,7 @@ def run(
         r=r,
         callbacks=chosen,
         logger=logger,
+        reentrant=reentrant,
         tokens_per_s=round(tokens_per_s),
         peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
