@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from qlit.callbacks import (
     GPUMemoryMonitor,
     InferenceLatencyMonitor,
+    PredictionWriter,
     TokenThroughputMonitor,
     TrainableParamsMonitor,
     TrainingTimeMonitor,
@@ -65,6 +66,8 @@ class QlitCLI(LightningCLI):
         parser.add_lightning_class_args(TrainableParamsMonitor, "params")
         parser.add_lightning_class_args(InferenceLatencyMonitor, "latency")
         parser.add_lightning_class_args(TrainingTimeMonitor, "timing")
+        # `qlit predict` writes predictions.jsonl in the run directory (acts in predict only).
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 

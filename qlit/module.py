@@ -86,6 +86,8 @@ class QLitModule(pl.LightningModule):
                 f"quantization mode '{quantization.mode}' stores frozen k-bit weights that cannot be fully "
                 "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
             )
+        if adapter is not None:
+            check_adapter(adapter, quantization)  # refused pairs fail here, before any weight is loaded
         self.pretrained = pretrained
         self.revision = revision
         self.trust_remote_code = trust_remote_code
@@ -104,6 +106,9 @@ class QLitModule(pl.LightningModule):
         self.model: Any = None
         self.task: Task = Task()
         self.tokenizer: Any = None
+        #: Timing of the latest ``generate`` call, read by the latency callback in ``predict``.
+        self.last_generation: dict[str, float] | None = None
+        self._ranks_updated_at = 0
         # Checkpoints hold only what trains: a frozen (possibly 4-bit) base is reloaded from `pretrained`.
         self.strict_loading = not self.has_adapter
         self.val_loss = MeanMetric()
@@ -183,7 +188,6 @@ class QLitModule(pl.LightningModule):
             return self._load_adapter(model)
         if self.adapter is None:
             return model
-        check_adapter(self.adapter, self.quantization)
         self._complete_adapter_config()
         try:
             return get_peft_model(model, self.adapter)
@@ -307,12 +311,15 @@ class QLitModule(pl.LightningModule):
         finished = (new == tok.eos_token_id).int().cumsum(dim=1)
         new_tokens = int(((finished == 0) | ((finished == 1) & (new == tok.eos_token_id))).sum())
         texts = tok.batch_decode(new, skip_special_tokens=True)
-        return texts, {"seconds": seconds, "samples": prompt.size(0), "new_tokens": new_tokens}
+        self.last_generation = {"seconds": seconds, "samples": prompt.size(0), "new_tokens": new_tokens}
+        return texts, self.last_generation
 
-    def on_before_zero_grad(self, optimizer: Any) -> None:
-        # AdaLoRA re-allocates ranks after every optimizer step, before the gradients it scores are cleared.
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # AdaLoRA re-allocates ranks after every optimizer step, from the gradients of that step: here they are
+        # still present (Lightning clears them at the start of the next step). Skipped between accumulated batches.
         update = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
-        if update is not None and self.trainer.training:
+        if update is not None and self.global_step != self._ranks_updated_at:
+            self._ranks_updated_at = self.global_step
             update(self.global_step)
 
     # ----- optimization ---------------------------------------------------------------------------------------------

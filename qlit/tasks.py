@@ -1,17 +1,32 @@
 """What a dataset is judged by: the task travels with the DataModule, so one LightningModule serves them all.
 
 A task builds its torchmetrics collection and updates it from a validation batch. The LightningModule owns
-loss and perplexity (every task has them) and asks the task for the rest.
+loss and perplexity (every task has them) and asks the task for the rest. Generation-based tasks answer a bounded
+number of rows per pass (``max_generate_rows``, set by the DataModule from ``generate_val_samples``).
+
+| Task | Metrics (after the ``val/`` or ``test/`` prefix) |
+| --- | --- |
+| :class:`LabelWordTask` (SST-2) | ``accuracy`` |
+| :class:`SQuADTask` | ``exact_match``, ``f1`` (0-100, official SQuAD v1.1 normalisation) |
+| :class:`PriceTask` | ``price_mae`` ($), ``price_rmsle``, ``price_hit_rate``, ``price_unparsed`` (count) |
+| :class:`BLEUTask` (CodeSearchNet) | ``bleu`` (0-1, SacreBLEU 13a tokenisation) |
+| :class:`GenerationTask` (IndicVault, JSONL) | text ``samples`` only |
+
+Every generation-based task also logs a few prompt/generation/reference triples as TensorBoard text (``samples``).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredLogError, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import SacreBLEUScore
+from torchmetrics.text import SQuAD as SQuADMetric
 
 # Generates greedy continuations for the prompts of a batch and returns their decoded text.
 GenerateFn = Callable[[dict[str, Any]], list[str]]
@@ -20,8 +35,10 @@ GenerateFn = Callable[[dict[str, Any]], list[str]]
 class Task:
     """Language modelling only: loss and perplexity, which the LightningModule logs for every task."""
 
-    #: How many of the validation rows a generation-based task generates for (bounded, so validation stays cheap).
+    #: Whether :meth:`update` generates text (and so costs a generation per evaluated row).
     needs_generation: bool = False
+    #: How many rows of each evaluation pass are generated for (rows with ``row_index`` below it); ``None``: all.
+    max_generate_rows: int | None = None
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({})
@@ -70,10 +87,199 @@ class LabelWordTask(Task):
         scores = logits[rows, first - 1][:, self.first_token_ids.to(logits.device)]
         metrics["accuracy"].update(scores.argmax(dim=-1), batch["class_label"])
 
-    def parse(self, generation: str) -> Any:
-        """The class word that the generation starts with, case-insensitively; ``None`` if it names none."""
-        text = generation.strip().lower()
-        for word in self.label_words:
-            if text.startswith(word.lower()):
-                return word
+    def parse(self, generation: str) -> str | None:
+        """The class word a generation answers with, whatever its case and whatever follows it.
+
+        The first word decides ("Positive.", "NEGATIVE — the plot..." ); failing that, a generation that names
+        exactly one class word as a whole word ("It is positive") gives that class; otherwise ``None``.
+        """
+        words = re.findall(r"[^\W\d_]+", generation.lower())
+        labels = {w.lower(): w for w in self.label_words}
+        if words and words[0] in labels:
+            return labels[words[0]]
+        named = {labels[w] for w in words if w in labels}
+        return named.pop() if len(named) == 1 else None
+
+    def class_index(self, generation: str) -> int:
+        """Index of the class :meth:`parse` finds, or -1 when the generation names none."""
+        word = self.parse(generation)
+        return self.label_words.index(word) if word is not None else -1
+
+
+class GenerationTask(Task):
+    """Answers are generated greedily for a bounded set of rows; a few are logged as TensorBoard text.
+
+    Subclasses score the generations in :meth:`score`. Rows are chosen by ``row_index`` (their position in the
+    evaluation split), so the same rows are generated for on every pass and, under several devices, the first
+    ``max_generate_rows`` rows of the split in all.
+
+    Args:
+        text_samples: how many prompt/generation/reference triples are logged as text at the end of a pass.
+    """
+
+    needs_generation = True
+
+    def __init__(self, text_samples: int = 4) -> None:
+        self.text_samples = text_samples
+        self._samples: list[tuple[str, str, str]] = []
+
+    def update(
+        self, metrics: MetricCollection, batch: dict[str, Any], logits: torch.Tensor, generate: GenerateFn
+    ) -> None:
+        keep = self.rows_to_generate(batch)
+        if not keep:
+            return
+        texts = generate(_select_prompts(batch, keep))
+        self.score(metrics, batch, keep, texts)
+        instructions = batch.get("instruction") or [""] * len(batch["reference"])
+        for i, text in zip(keep, texts, strict=True):
+            if len(self._samples) < self.text_samples:
+                self._samples.append((str(instructions[i]), text, str(batch["reference"][i])))
+
+    def rows_to_generate(self, batch: dict[str, Any]) -> list[int]:
+        """Positions in ``batch`` of the rows that are generated for."""
+        n = batch["prompt_input_ids"].size(0)
+        if self.max_generate_rows is None or "row_index" not in batch:
+            return list(range(n))
+        return [i for i, r in enumerate(batch["row_index"].tolist()) if r < self.max_generate_rows]
+
+    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
+        """Update ``metrics`` from the generations ``texts`` of the batch rows ``rows``."""
+
+    def epoch_end(self, module: Any, prefix: str) -> None:
+        samples, self._samples = self._samples, []
+        trainer = getattr(module, "_trainer", None)
+        if not samples or (trainer is not None and trainer.sanity_checking) or module.global_rank != 0:
+            return
+        add_text = getattr(getattr(module.logger, "experiment", None), "add_text", None)
+        if add_text is not None:
+            add_text(f"{prefix}/samples", format_samples(samples), global_step=module.global_step)
+
+
+class SQuADTask(GenerationTask):
+    """Extractive QA: exact match and F1 of the generated span against every gold answer (the best counts).
+
+    The normalisation is the official SQuAD v1.1 script's (lower-case, no punctuation, no articles, folded
+    whitespace), through torchmetrics' ``SQuAD``; scores are percentages as the script reports them. Batches carry
+    ``squad_id`` and ``gold_answers`` (every gold answer text of the row).
+    """
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"squad": SQuADMetric()})
+
+    def parse(self, generation: str) -> str:
+        """The answer span: the first non-empty line of the generation, stripped."""
+        for line in generation.splitlines():
+            if line.strip():
+                return line.strip()
+        return ""
+
+    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
+        preds = [{"prediction_text": self.parse(t), "id": str(i)} for i, t in zip(rows, texts, strict=True)]
+        # answer_start is not used by the metric; it only has to be present.
+        target = []
+        for i in rows:
+            gold = list(batch["gold_answers"][i])
+            target.append({"answers": {"text": gold, "answer_start": [0] * len(gold)}, "id": str(i)})
+        metrics["squad"].update(preds, target)
+
+
+def parse_price(text: str) -> float | None:
+    """The first number in ``text`` as dollars: ``"$1,299.00"`` → 1299.0, ``"about 45 dollars"`` → 45.0, else None."""
+    match = re.search(r"\d[\d,]*(?:\.\d+)?|\.\d+", text.replace("$", ""))
+    if match is None:
         return None
+    try:
+        value = float(match.group().replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+class RootMeanSquaredLogError(MeanSquaredLogError):
+    """RMSLE: the square root of torchmetrics' mean squared log error, ``sqrt(mean((log1p(p) - log1p(t))²))``."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().sqrt()
+
+
+class PriceTask(GenerationTask):
+    """Price regression through generation: the number after ``Price is $`` against the ``price`` column.
+
+    ``price_mae`` (dollars) and ``price_rmsle`` are over the generations that hold a number (NaN when none does);
+    ``price_hit_rate`` is over every generated row, a hit being an error under ``hit_dollars`` or under
+    ``hit_fraction`` of the true price, and a generation without a number counting as a miss; ``price_unparsed``
+    counts those.
+
+    Args:
+        hit_dollars: absolute error below which a guess is a hit.
+        hit_fraction: relative error (of the true price) below which a guess is a hit.
+        text_samples: how many generations are logged as text per pass.
+    """
+
+    def __init__(self, hit_dollars: float = 40.0, hit_fraction: float = 0.2, text_samples: int = 4) -> None:
+        super().__init__(text_samples)
+        self.hit_dollars = hit_dollars
+        self.hit_fraction = hit_fraction
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection(
+            {
+                "price_mae": MeanAbsoluteError(),
+                "price_rmsle": RootMeanSquaredLogError(),
+                "price_hit_rate": MeanMetric(),
+                "price_unparsed": SumMetric(),
+            },
+            compute_groups=False,
+        )
+
+    def parse(self, generation: str) -> float | None:
+        return parse_price(generation)
+
+    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
+        truth = batch["price"][rows].float()
+        guesses = [self.parse(t) for t in texts]
+        parsed = torch.tensor([g is not None for g in guesses], device=truth.device)
+        guess = torch.tensor([g if g is not None else 0.0 for g in guesses], device=truth.device)
+        error = (guess - truth).abs()
+        hit = parsed & ((error < self.hit_dollars) | (error < self.hit_fraction * truth))
+        metrics["price_mae"].update(guess[parsed], truth[parsed])
+        metrics["price_rmsle"].update(guess[parsed].clamp(min=0), truth[parsed].clamp(min=0))
+        metrics["price_hit_rate"].update(hit.float())
+        metrics["price_unparsed"].update((~parsed).sum().float())
+
+
+class BLEUTask(GenerationTask):
+    """Corpus BLEU of the generations against the references (SacreBLEU's 13a tokenisation, 0-1).
+
+    Args:
+        text_samples: how many generations are logged as text per pass.
+    """
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"bleu": SacreBLEUScore(tokenize="13a")})
+
+    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
+        metrics["bleu"].update([self.parse(t) for t in texts], [[str(batch["reference"][i]).strip()] for i in rows])
+
+
+def format_samples(samples: Sequence[tuple[str, str, str]]) -> str:
+    """Prompt/generation/reference triples as Markdown for TensorBoard's text tab (code blocks keep whitespace)."""
+    blocks = []
+    for n, (prompt, generation, reference) in enumerate(samples, 1):
+        blocks.append(
+            f"**Sample {n}: prompt**\n\n{_code(prompt)}\n\n**Generation**\n\n{_code(generation)}\n\n"
+            f"**Reference**\n\n{_code(reference)}"
+        )
+    return "\n\n---\n\n".join(blocks)
+
+
+def _code(text: str) -> str:
+    return "\n".join("    " + line for line in (text or " ").splitlines() or [" "])
+
+
+def _select_prompts(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The left-padded prompts of ``rows``, without the padding columns that all of them share."""
+    ids, mask = batch["prompt_input_ids"][rows], batch["prompt_attention_mask"][rows]
+    start = int(mask.any(dim=0).int().argmax())
+    return {"prompt_input_ids": ids[:, start:], "prompt_attention_mask": mask[:, start:]}

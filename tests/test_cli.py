@@ -37,8 +37,8 @@ def test_printed_config_runs(tmp_path, capsys):
     assert run_main("fit", "--config", str(ROOT / "configs/demo.yaml"), "--print_config") == 0
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
-    code = run_main(*cli_args(tmp_path, "fit", "--config", str(printed), "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
-                              "--trainer.limit_val_batches", "1"))
+    code = run_main(*cli_args(tmp_path, "fit", "--config", str(printed), "--trainer.max_steps", "2",
+                              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1"))
     assert code == 0
     assert "train/loss" in scalars(tmp_path / "logs")
 

@@ -42,6 +42,7 @@ ranks.
 
 from qlit.callbacks.gpu_memory import GPUMemoryMonitor
 from qlit.callbacks.inference_latency import InferenceLatencyMonitor
+from qlit.callbacks.prediction_writer import PredictionWriter
 from qlit.callbacks.throughput import TokenThroughputMonitor
 from qlit.callbacks.trainable_ratio import TrainableParamsMonitor
 from qlit.callbacks.training_time import TrainingTimeMonitor
@@ -49,6 +50,7 @@ from qlit.callbacks.training_time import TrainingTimeMonitor
 __all__ = [
     "GPUMemoryMonitor",
     "InferenceLatencyMonitor",
+    "PredictionWriter",
     "TokenThroughputMonitor",
     "TrainableParamsMonitor",
     "TrainingTimeMonitor",

@@ -108,6 +108,11 @@ class InferenceLatencyMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        # A predict step returns its rows (one per input), so QLitModule leaves the timing of its last generate
+        # call on the module instead; taken once, so a step that did not generate records nothing.
+        if not (isinstance(outputs, Mapping) and self.output_key in outputs):
+            outputs = {self.output_key: getattr(pl_module, "last_generation", None)}
+            pl_module.last_generation = None
         self._record(outputs)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
