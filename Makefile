@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+CONFIG ?= configs/demo.yaml
 
 .PHONY: setup demo test lint tensorboard clean
 
@@ -17,7 +18,7 @@ $(BIN)/qlit: pyproject.toml
 setup: $(BIN)/qlit
 
 demo: setup
-	$(BIN)/qlit fit --config configs/demo.yaml
+	$(BIN)/qlit fit --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -33,35 +33,19 @@ CHATML_TEMPLATE = (
 # a gated MLP, and weight sizes that are multiples of bitsandbytes' 64-element quantization block.
 # initializer_range 0.2 instead of 0.02: with a 64-wide hidden state behind a frozen RMSNorm, 0.02 caps every
 # logit near 1.3, so an adapter could never make the model confident; real models' trained heads have no cap.
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    initializer_range=0.2,
+)
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "qwen2": {
-        "config_class": "Qwen2Config",
-        "chat": True,
-        "config": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            initializer_range=0.2,
-        ),
-    },
-    "llama": {
-        "config_class": "LlamaConfig",
-        "chat": True,
-        "config": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            initializer_range=0.2,
-        ),
-    },
+    "qwen2": {"config_class": "Qwen2Config", "chat": True, "config": _DECODER},
+    "llama": {"config_class": "LlamaConfig", "chat": True, "config": _DECODER},
     "gpt2": {
         "config_class": "GPT2Config",
         "chat": False,
