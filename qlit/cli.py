@@ -119,6 +119,13 @@ def concise_parse_error(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
+def _qlit_error_in(err: BaseException | None) -> QlitError | None:
+    """The QlitError that ``err`` is or was raised from, if any."""
+    while err is not None and not isinstance(err, QlitError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(args: Any = None) -> None:
     """Entry point of the ``qlit`` command."""
     _quiet_third_party()
@@ -130,8 +137,13 @@ def main(args: Any = None) -> None:
             export_main(argv[1:])
             return
         QlitCLI(args=args)
-    except QlitError as err:
-        print(f"qlit: error: {err}", file=sys.stderr)
+    except (QlitError, ValueError) as err:
+        # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union
+        # subtypes; the QlitError it wraps is the sentence for the user.
+        cause = _qlit_error_in(err)
+        if cause is None:
+            raise
+        print(f"qlit: error: {cause}", file=sys.stderr)
         raise SystemExit(1) from None
     except SIGTERMException:
         print("qlit: interrupted: stopped after the running batch (see the checkpoint path above)", file=sys.stderr)

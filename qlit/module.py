@@ -87,7 +87,8 @@ class QLitModule(pl.LightningModule):
                 "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
             )
         if adapter is not None:
-            check_adapter(adapter, quantization)  # refused pairs fail here, before any weight is loaded
+            # Refused pairs fail here, before any weight is loaded.
+            check_adapter(adapter, quantization, gradient_checkpointing=gradient_checkpointing)
         self.pretrained = pretrained
         self.revision = revision
         self.trust_remote_code = trust_remote_code
@@ -133,9 +134,14 @@ class QLitModule(pl.LightningModule):
         }
 
     def _adapter_name(self) -> str:
-        if self.adapter is not None:
-            return type(self.adapter).__name__
-        return "loaded" if self.adapter_path else "full"
+        if self.adapter is None:
+            return "loaded" if self.adapter_path else "full"
+        name = type(self.adapter).__name__
+        # DoRA and rsLoRA are LoraConfig switches; a comparison table must tell them apart.
+        for flag in ("use_dora", "use_rslora"):
+            if getattr(self.adapter, flag, False):
+                name += "+" + flag.removeprefix("use_")
+        return name
 
     def on_fit_start(self) -> None:
         # Not save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored
@@ -188,7 +194,6 @@ class QLitModule(pl.LightningModule):
             return self._load_adapter(model)
         if self.adapter is None:
             return model
-        self._complete_adapter_config()
         try:
             return get_peft_model(model, self.adapter)
         except (ValueError, TypeError, NotImplementedError) as err:  # peft names what it cannot wrap
@@ -201,13 +206,6 @@ class QLitModule(pl.LightningModule):
         if not (path / "adapter_config.json").is_file():
             raise QlitError(f"model.adapter_path '{self.adapter_path}' holds no adapter_config.json (peft format).")
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
-
-    def _complete_adapter_config(self) -> None:
-        # AdaLoRA's rank budget schedule needs the run length, which only the trainer knows.
-        from peft import AdaLoraConfig
-
-        if isinstance(self.adapter, AdaLoraConfig) and not self.adapter.total_step and self._trainer is not None:
-            self.adapter.total_step = max(1, int(self.trainer.estimated_stepping_batches))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
