@@ -60,12 +60,20 @@ class JSONLDataModule(QLitDataModule):
         self.train_on = train_on
         self.text_samples = text_samples
         self._format: str | None = None if format == "auto" else format
+        self._prompts_only = False
+
+    def setup(self, stage: str | None = None) -> None:
+        # `qlit predict` on a file of prompts: rows need no completion (there is nothing to learn or compare with).
+        self._prompts_only = stage == "predict"
+        super().setup(stage)
 
     def required_columns(self, present: Sequence[str]) -> Mapping[str, type | tuple[type, ...]]:
         if self.format == "auto":
             self._format = "messages" if self.messages_column in present else "completion"
         if self._format == "messages":
             return {self.messages_column: list}
+        if self._prompts_only and self.completion_column not in present:
+            return {self.prompt_column: str}
         return {self.prompt_column: str, self.completion_column: str}
 
     def _row_format(self, row: Mapping[str, Any]) -> str:
@@ -77,6 +85,8 @@ class JSONLDataModule(QLitDataModule):
         if self._row_format(row) == "completion":
             if not row[self.prompt_column].strip():
                 return self.prompt_column, "empty prompt"
+            if self._prompts_only and self.completion_column not in row:
+                return None
             if not row[self.completion_column].strip():
                 return self.completion_column, "empty completion"
             return None
@@ -102,7 +112,7 @@ class JSONLDataModule(QLitDataModule):
     def to_example(self, row: Mapping[str, Any]) -> Example:
         if self._row_format(row) == "messages":
             return Example.conversation(row[self.messages_column])
-        return Example(row[self.prompt_column], row[self.completion_column])
+        return Example(row[self.prompt_column], row.get(self.completion_column) or "")
 
     def encode_row(self, example: Example) -> dict[str, Any]:
         return self.encode(example, learn_all_turns=self.train_on == "all")
@@ -113,6 +123,7 @@ class JSONLDataModule(QLitDataModule):
             "format": self.format,
             "columns": [self.prompt_column, self.completion_column, self.messages_column],
             "train_on": self.train_on,
+            "prompts_only": self._prompts_only,
         }
 
     def build_task(self) -> GenerationTask:
