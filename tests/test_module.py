@@ -157,8 +157,17 @@ def test_checkpoints_hold_only_trainable_weights_and_resume(trained_demo):
 def test_the_demo_logs_train_and_validation_metrics(trained_demo):
     cli, _ = trained_demo
     logged = scalars(cli.trainer.log_dir)
-    for tag in ("train/loss", "val/loss", "val/perplexity", "val/accuracy"):
+    study = (
+        "train/loss", "val/loss", "val/perplexity", "val/accuracy",
+        # the measurement callbacks the CLI turns on (no CUDA here: resident memory instead of GPU memory)
+        "cpu/peak_rss_gib", "train/tokens_per_sec", "train/padded_tokens_per_sec", "train/samples_per_sec",
+        "train/step_time_sec", "params/trainable", "params/total", "params/trainable_ratio", "params/weight_gib",
+        "time/setup_seconds", "time/first_step_seconds", "time/fit_seconds",
+    )
+    for tag in study:
         assert tag in logged, f"{tag} missing from {sorted(logged)}"
+    assert 0 < logged["params/trainable_ratio"][0][1] < 0.2  # LoRA trains a small share of the weights
+    assert logged["train/tokens_per_sec"][-1][1] > 0
     losses = [v for _, v in logged["train/loss"]]
     assert losses[-1] < losses[0]
     assert 0.0 <= logged["val/accuracy"][-1][1] <= 1.0
