@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,11 +26,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    reached = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    # In a thread, because name resolution has no timeout of its own and can hang where DNS is unreachable.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return reached.is_set()
 
 
 def looks_local(name: str) -> bool:
