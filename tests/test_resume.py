@@ -43,7 +43,8 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
     assert sorted(losses(rest)) == [3, 4, 5]
 
 
-def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     args = cli_args(tmp_path, "fit", *FP32, "--trainer.max_steps", "100000", "--checkpoint.every_n_train_steps", "0")
     proc = subprocess.Popen([sys.executable, "-m", "qlit", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
@@ -52,7 +53,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     while not list((tmp_path / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, output
     last = next((tmp_path / "logs").rglob("last.ckpt"))

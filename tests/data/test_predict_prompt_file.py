@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, scalars
 
 CONFIG = str(ROOT / "configs/demo_jsonl.yaml")
 
@@ -24,6 +24,9 @@ def test_predict_on_a_prompt_file_with_the_fine_tuned_checkpoint(tmp_path):
     rows = [json.loads(line) for line in (Path(predict.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
     assert [r["instruction"] for r in rows] == prompts
     assert all(isinstance(r["generation"], str) and r["reference"] == "" for r in rows)
+    # The latency callback timed the generations (a predict step returns rows, not the timing).
+    logged = scalars(predict.trainer.log_dir)
+    assert logged["predict/latency_ms_mean"][0][1] > 0 and logged["predict/gen_tokens_per_sec"][0][1] > 0
     # The checkpoint's adapter weights were loaded: LoRA B is no longer its zero initialisation.
     lora_b = [p for n, p in predict.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
