@@ -108,7 +108,10 @@ def concise_parse_error(message: str) -> str:
             continue
         match = re.match(r'(?:Parser key|Problem with given class_path [^:]+:)\s*"?([^":]*)"?:?$', line)
         if line.startswith("Parser key"):
-            keys.append(line.split('"')[1])
+            key, _, rest = line.partition('":')
+            keys.append(key.split('"')[1])
+            if rest.strip():  # 'Parser key "config": File does not exist: ...' carries its reason on the line
+                reasons.append(rest.strip())
         elif match:
             continue
         else:

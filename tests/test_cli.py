@@ -94,3 +94,15 @@ def test_missing_model_directory(tmp_path, capsys):
     code, err = error_of(capsys, *cli_args(tmp_path, "fit", "--config", DEMO, "--model.init_args.pretrained",
                                             str(Path(tmp_path) / "no-model")))
     assert code != 0 and "no-model" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = error_of(capsys, "fit", "--config", str(tmp_path / "nope.yaml"))
+    assert code != 0
+    assert "nope.yaml" in err and "does not exist" in err and "Parser key" not in err
+
+
+def test_misspelled_class_path(capsys):
+    code, err = error_of(capsys, "fit", "--config", DEMO, "--model.init_args.adapter", "peft.LoraConfg")
+    assert code != 0
+    assert "LoraConfg" in err
