@@ -139,6 +139,11 @@ def main(args: Any = None) -> None:
 
             export_main(argv[1:])
             return
+        if argv[:1] == ["compare"]:  # reads finished runs' logs; handles its own errors
+            from qlit.compare import main as compare_main
+
+            compare_main(argv[1:])
+            return
         QlitCLI(args=args)
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union

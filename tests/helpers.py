@@ -15,10 +15,14 @@ def cli_args(tmp_path: Path, *args: str) -> list[str]:
     """``args`` plus the options that keep a run's logs and checkpoints inside ``tmp_path``, quietly."""
     return [
         *args,
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
     ]
 
 

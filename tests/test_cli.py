@@ -37,8 +37,20 @@ def test_printed_config_runs(tmp_path, capsys):
     assert run_main("fit", "--config", str(ROOT / "configs/demo.yaml"), "--print_config") == 0
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
-    code = run_main(*cli_args(tmp_path, "fit", "--config", str(printed), "--trainer.max_steps", "2",
-                              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1"))
+    code = run_main(
+        *cli_args(
+            tmp_path,
+            "fit",
+            "--config",
+            str(printed),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+        )
+    )
     assert code == 0
     assert "train/loss" in scalars(tmp_path / "logs")
 
@@ -69,16 +81,29 @@ def test_unknown_quantization_mode(capsys):
 
 def test_missing_data_file(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "train.jsonl"
-    code, err = error_of(capsys, *cli_args(tmp_path, "fit", "--config", DEMO, "--data.init_args.path", "json",
-                                            "--data.init_args.data_files", str(missing)))
+    code, err = error_of(
+        capsys,
+        *cli_args(
+            tmp_path,
+            "fit",
+            "--config",
+            DEMO,
+            "--data.init_args.path",
+            "json",
+            "--data.init_args.data_files",
+            str(missing),
+        ),
+    )
     assert code != 0
     assert str(missing) in err and "does not exist" in err
 
 
 def test_unreachable_model_id_fails_fast(tmp_path, capsys):
     start = time.monotonic()
-    code, err = error_of(capsys, *cli_args(tmp_path, "fit", "--config", DEMO,
-                                            "--model.init_args.pretrained", "Qwen/Qwen2.5-0.5B-Instruct"))
+    code, err = error_of(
+        capsys,
+        *cli_args(tmp_path, "fit", "--config", DEMO, "--model.init_args.pretrained", "Qwen/Qwen2.5-0.5B-Instruct"),
+    )
     assert code != 0
     assert "'Qwen/Qwen2.5-0.5B-Instruct'" in err and "local" in err.lower() or "DIR" in err
     assert time.monotonic() - start < 30
@@ -91,8 +116,10 @@ def test_unreachable_dataset_id_names_it(tmp_path, capsys):
 
 
 def test_missing_model_directory(tmp_path, capsys):
-    code, err = error_of(capsys, *cli_args(tmp_path, "fit", "--config", DEMO, "--model.init_args.pretrained",
-                                            str(Path(tmp_path) / "no-model")))
+    code, err = error_of(
+        capsys,
+        *cli_args(tmp_path, "fit", "--config", DEMO, "--model.init_args.pretrained", str(Path(tmp_path) / "no-model")),
+    )
     assert code != 0 and "no-model" in err
 
 

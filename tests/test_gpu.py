@@ -11,10 +11,26 @@ from helpers import ROOT, run_cli, scalars
 pytestmark = pytest.mark.gpu
 
 GPU = [
-    "--config", str(ROOT / "configs/demo.yaml"), "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
-    "--model.init_args.quantization.compute_dtype", "bfloat16", "--model.init_args.gradient_checkpointing", "true",
-    "--model.init_args.optimizer", "bitsandbytes.optim.PagedAdamW8bit", "--model.init_args.optimizer.lr", "0.005",
-    "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2",
+    "--config",
+    str(ROOT / "configs/demo.yaml"),
+    "--trainer.accelerator",
+    "gpu",
+    "--trainer.precision",
+    "bf16-mixed",
+    "--model.init_args.quantization.compute_dtype",
+    "bfloat16",
+    "--model.init_args.gradient_checkpointing",
+    "true",
+    "--model.init_args.optimizer",
+    "bitsandbytes.optim.PagedAdamW8bit",
+    "--model.init_args.optimizer.lr",
+    "0.005",
+    "--trainer.max_epochs",
+    "-1",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "2",
 ]
 
 
@@ -29,22 +45,28 @@ def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
     assert scalars(cli.trainer.log_dir)["gpu/peak_allocated_gib"][0][1] > 0
 
     module = cli.model.eval().to("cuda")  # Lightning hands the module back on the CPU after fit
-    base = load_causal_lm(module.model.peft_config["default"].base_model_name_or_path,
-                          quantization=module.quantization, dtype="auto", device=torch.device("cuda"))
+    base = load_causal_lm(
+        module.model.peft_config["default"].base_model_name_or_path,
+        quantization=module.quantization,
+        dtype="auto",
+        device=torch.device("cuda"),
+    )
     # The same base as in training: NF4 weights, with the norms and embeddings that the k-bit preparation keeps fp32.
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = PeftModel.from_pretrained(base, str(Path(cli.trainer.log_dir) / "adapter")).eval()
     ids = torch.randint(0, 500, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits,
-                                   rtol=2**-7, atol=2**-7)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits, rtol=2**-7, atol=2**-7
+        )
 
 
 def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
     first = run_cli(tmp_path, "fit", *GPU, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4")
     last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert all("lora_" in k for k in torch.load(last, map_location="cpu", weights_only=True)["state_dict"])
-    resumed = run_cli(tmp_path, "fit", *GPU, "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
-                      "--ckpt_path", str(last))
+    resumed = run_cli(
+        tmp_path, "fit", *GPU, "--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--ckpt_path", str(last)
+    )
     assert resumed.trainer.global_step == 8
     assert sorted(s for s, _ in scalars(resumed.trainer.log_dir)["train/loss"]) == [4, 5, 6, 7]

@@ -93,9 +93,24 @@ def trained_demo(tmp_path_factory):
     """A short run of the demo config: 6 optimizer steps, checkpoint every 3, validation at the end."""
     tmp = tmp_path_factory.mktemp("demo")
     cli = run_cli(
-        tmp, "fit", "--config", DEMO, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
-        "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
-        "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null",
+        tmp,
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "6",
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "3",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--checkpoint.monitor",
+        "null",
     )
     return cli, tmp
 
@@ -141,8 +156,20 @@ def test_checkpoints_hold_only_trainable_weights_and_resume(trained_demo):
     assert state["optimizer_states"], "optimizer state must be kept for resuming"
 
     resumed = run_cli(
-        tmp, "fit", "--config", DEMO, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
-        "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1", "--ckpt_path", str(step3),
+        tmp,
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "6",
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--ckpt_path",
+        str(step3),
     )
     assert resumed.trainer.global_step == 6
     steps = [s for s, _ in scalars(resumed.trainer.log_dir)["train/loss"]]
@@ -158,11 +185,23 @@ def test_the_demo_logs_train_and_validation_metrics(trained_demo):
     cli, _ = trained_demo
     logged = scalars(cli.trainer.log_dir)
     study = (
-        "train/loss", "val/loss", "val/perplexity", "val/accuracy",
+        "train/loss",
+        "val/loss",
+        "val/perplexity",
+        "val/accuracy",
         # the measurement callbacks the CLI turns on (no CUDA here: resident memory instead of GPU memory)
-        "cpu/peak_rss_gib", "train/tokens_per_sec", "train/padded_tokens_per_sec", "train/samples_per_sec",
-        "train/step_time_sec", "params/trainable", "params/total", "params/trainable_ratio", "params/weight_gib",
-        "time/setup_seconds", "time/first_step_seconds", "time/fit_seconds",
+        "cpu/peak_rss_gib",
+        "train/tokens_per_sec",
+        "train/padded_tokens_per_sec",
+        "train/samples_per_sec",
+        "train/step_time_sec",
+        "params/trainable",
+        "params/total",
+        "params/trainable_ratio",
+        "params/weight_gib",
+        "time/setup_seconds",
+        "time/first_step_seconds",
+        "time/fit_seconds",
     )
     for tag in study:
         assert tag in logged, f"{tag} missing from {sorted(logged)}"

@@ -15,13 +15,29 @@ from helpers import ROOT, cli_args, run_cli, scalars
 
 # fp32 end to end (no quantization), so that identical computations give identical numbers.
 FP32 = [
-    "--config", str(ROOT / "configs/demo.yaml"),
-    "--model.init_args.quantization.mode", "none", "--model.init_args.quantization.double_quant", "false",
-    "--model.init_args.dtype", "float32",
-    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "-1",
+    "--config",
+    str(ROOT / "configs/demo.yaml"),
+    "--model.init_args.quantization.mode",
+    "none",
+    "--model.init_args.quantization.double_quant",
+    "false",
+    "--model.init_args.dtype",
+    "float32",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.max_epochs",
+    "-1",
     # 4 batches an epoch, so the 6 steps cross an epoch boundary and the per-epoch shuffle is exercised too.
-    "--trainer.limit_train_batches", "4", "--checkpoint.monitor", "null", "--checkpoint.save_top_k", "-1",
-    "--checkpoint.every_n_train_steps", "3",
+    "--trainer.limit_train_batches",
+    "4",
+    "--checkpoint.monitor",
+    "null",
+    "--checkpoint.save_top_k",
+    "-1",
+    "--checkpoint.every_n_train_steps",
+    "3",
 ]
 
 
@@ -46,8 +62,14 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     args = cli_args(tmp_path, "fit", *FP32, "--trainer.max_steps", "100000", "--checkpoint.every_n_train_steps", "0")
-    proc = subprocess.Popen([sys.executable, "-m", "qlit", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlit", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
     # Training has begun once the logger has written its first events (after model load and the first steps).
     deadline = time.monotonic() + 120
     while not list((tmp_path / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:

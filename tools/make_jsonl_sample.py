@@ -13,18 +13,71 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ["apple", "river", "garden", "pencil", "window", "rocket", "forest", "candle", "planet", "bridge", "tiger",
-         "violin", "marble", "lantern", "harbor", "meadow", "button", "castle", "silver", "puzzle"]
-OPPOSITES = [("hot", "cold"), ("up", "down"), ("early", "late"), ("open", "closed"), ("full", "empty"),
-             ("light", "dark"), ("fast", "slow"), ("happy", "sad"), ("big", "small"), ("wet", "dry"),
-             ("loud", "quiet"), ("hard", "soft"), ("push", "pull"), ("begin", "end"), ("near", "far"),
-             ("old", "new"), ("high", "low"), ("thick", "thin")]
-PLURALS = [("cat", "cats"), ("box", "boxes"), ("city", "cities"), ("child", "children"), ("mouse", "mice"),
-           ("leaf", "leaves"), ("bus", "buses"), ("tooth", "teeth"), ("knife", "knives"), ("baby", "babies"),
-           ("dish", "dishes"), ("man", "men"), ("foot", "feet"), ("wolf", "wolves"), ("story", "stories")]
+WORDS = [
+    "apple",
+    "river",
+    "garden",
+    "pencil",
+    "window",
+    "rocket",
+    "forest",
+    "candle",
+    "planet",
+    "bridge",
+    "tiger",
+    "violin",
+    "marble",
+    "lantern",
+    "harbor",
+    "meadow",
+    "button",
+    "castle",
+    "silver",
+    "puzzle",
+]
+OPPOSITES = [
+    ("hot", "cold"),
+    ("up", "down"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("light", "dark"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("big", "small"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("push", "pull"),
+    ("begin", "end"),
+    ("near", "far"),
+    ("old", "new"),
+    ("high", "low"),
+    ("thick", "thin"),
+]
+PLURALS = [
+    ("cat", "cats"),
+    ("box", "boxes"),
+    ("city", "cities"),
+    ("child", "children"),
+    ("mouse", "mice"),
+    ("leaf", "leaves"),
+    ("bus", "buses"),
+    ("tooth", "teeth"),
+    ("knife", "knives"),
+    ("baby", "babies"),
+    ("dish", "dishes"),
+    ("man", "men"),
+    ("foot", "feet"),
+    ("wolf", "wolves"),
+    ("story", "stories"),
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Answer in one sentence.",
-           "You are a friendly tutor who gives short, correct answers."]
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in one sentence.",
+    "You are a friendly tutor who gives short, correct answers.",
+]
 
 
 def task(rng: random.Random) -> tuple[str, str]:

@@ -16,8 +16,18 @@ from pathlib import Path
 
 QUESTION = "How much does this cost to the nearest dollar?"
 PREFIX = "Price is $"
-BRANDS = ["Norvik", "Tallis", "Brightwell", "Kestrel Works", "Aurelo", "Mendel & Co", "Quillon", "Farrow", "Ostra",
-          "Velden"]
+BRANDS = [
+    "Norvik",
+    "Tallis",
+    "Brightwell",
+    "Kestrel Works",
+    "Aurelo",
+    "Mendel & Co",
+    "Quillon",
+    "Farrow",
+    "Ostra",
+    "Velden",
+]
 # The hub's test texts end at "Price is $"; set this to True to keep the price in test texts as well.
 TEST_TEXT_HAS_PRICE = False
 CENTS = [0.99, 0.95, 0.49, 0.0, 0.29, 0.79, 0.89]
@@ -27,8 +37,10 @@ def cable(rng: random.Random) -> tuple[str, str, float]:
     length, pack = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
     watts = rng.choice([15, 60, 100])
     title = f"USB-C to USB-C Charging Cable, {length} m, {pack}-Pack"
-    body = (f"Braided nylon cable that supports {watts} W fast charging and 480 Mbps data transfer. "
-            f"Reinforced connectors rated for 10,000 bends. Works with phones, tablets and laptops.")
+    body = (
+        f"Braided nylon cable that supports {watts} W fast charging and 480 Mbps data transfer. "
+        f"Reinforced connectors rated for 10,000 bends. Works with phones, tablets and laptops."
+    )
     return title, body, 4.0 + 2.5 * length * pack + watts * 0.05
 
 
@@ -38,16 +50,21 @@ def bottle(rng: random.Random) -> tuple[str, str, float]:
     kind = "Insulated Stainless Steel" if insulated else "BPA-Free Plastic"
     title = f"{kind} Water Bottle, {ml} ml, Leak-Proof Lid"
     extra = "Double wall vacuum keeps drinks cold for 24 hours." if insulated else "Lightweight and dishwasher safe."
-    return title, f"{extra} Wide mouth for ice cubes, carry loop, fits most cup holders.", (
-        6.0 + ml * 0.008 + (14.0 if insulated else 0.0))
+    return (
+        title,
+        f"{extra} Wide mouth for ice cubes, carry loop, fits most cup holders.",
+        (6.0 + ml * 0.008 + (14.0 if insulated else 0.0)),
+    )
 
 
 def earbuds(rng: random.Random) -> tuple[str, str, float]:
     hours = rng.choice([20, 30, 40])
     anc = rng.random() < 0.5
     title = f"Wireless Earbuds {'with Active Noise Cancelling' if anc else 'Bluetooth 5.3'}, {hours} h Playtime"
-    body = (f"Charging case gives {hours} hours of total playtime. IPX{rng.choice([4, 5, 7])} water resistance, "
-            f"touch controls and two microphones for clear calls.")
+    body = (
+        f"Charging case gives {hours} hours of total playtime. IPX{rng.choice([4, 5, 7])} water resistance, "
+        f"touch controls and two microphones for clear calls."
+    )
     return title, body, 15.0 + hours * 0.9 + (45.0 if anc else 0.0)
 
 
@@ -56,8 +73,10 @@ def chair(rng: random.Random) -> tuple[str, str, float]:
     lumbar = rng.random() < 0.5
     kg = rng.choice([110, 135, 150])
     title = f"Ergonomic Office Chair, {'Breathable Mesh' if mesh else 'Padded Fabric'} Back, {kg} kg Capacity"
-    body = (f"Adjustable seat height and tilt lock. {'Built-in adjustable lumbar support. ' if lumbar else ''}"
-            f"Five-wheel nylon base with smooth casters. Easy assembly in about 20 minutes.")
+    body = (
+        f"Adjustable seat height and tilt lock. {'Built-in adjustable lumbar support. ' if lumbar else ''}"
+        f"Five-wheel nylon base with smooth casters. Easy assembly in about 20 minutes."
+    )
     return title, body, 70.0 + (40.0 if mesh else 0.0) + (35.0 if lumbar else 0.0) + (kg - 110) * 1.2
 
 
@@ -66,8 +85,10 @@ def drill(rng: random.Random) -> tuple[str, str, float]:
     brushless = rng.random() < 0.5
     motor = "Brushless" if brushless else "Brushed"
     title = f"{volts}V Cordless Drill Driver Kit, {motor} Motor, {batteries} Batter{'ies' if batteries == 2 else 'y'}"
-    body = (f"Two-speed gearbox, 13 mm keyless chuck and LED work light. Includes {batteries} x 2.0 Ah battery, "
-            f"charger and carry bag.")
+    body = (
+        f"Two-speed gearbox, 13 mm keyless chuck and LED work light. Includes {batteries} x 2.0 Ah battery, "
+        f"charger and carry bag."
+    )
     return title, body, 30.0 + volts * 2.5 + batteries * 25.0 + (40.0 if brushless else 0.0)
 
 
@@ -75,24 +96,30 @@ def vacuum(rng: random.Random) -> tuple[str, str, float]:
     pa, mop, station = rng.choice([2000, 4000, 6000]), rng.random() < 0.5, rng.random() < 0.3
     extras = (", with Mopping" if mop else "") + (", Self-Empty Base" if station else "")
     title = f"Robot Vacuum Cleaner, {pa} Pa Suction{extras}"
-    body = (f"Laser navigation maps every room and avoids stairs. Runs up to {rng.choice([90, 120, 150])} minutes and "
-            f"returns to charge on its own. App and voice control.")
+    body = (
+        f"Laser navigation maps every room and avoids stairs. Runs up to {rng.choice([90, 120, 150])} minutes and "
+        f"returns to charge on its own. App and voice control."
+    )
     return title, body, 120.0 + pa * 0.04 + (60.0 if mop else 0.0) + (180.0 if station else 0.0)
 
 
 def espresso(rng: random.Random) -> tuple[str, str, float]:
     bar, grinder = rng.choice([15, 19, 20]), rng.random() < 0.5
     title = f"Espresso Machine, {bar} Bar Pump{', Built-in Conical Burr Grinder' if grinder else ''}, Milk Frother"
-    body = (f"Heats up in 40 seconds. Steam wand for lattes and cappuccinos, {rng.choice([1.2, 1.5, 1.8])} litre "
-            f"removable water tank and stainless steel housing.")
+    body = (
+        f"Heats up in 40 seconds. Steam wand for lattes and cappuccinos, {rng.choice([1.2, 1.5, 1.8])} litre "
+        f"removable water tank and stainless steel housing."
+    )
     return title, body, 90.0 + bar * 6.0 + (220.0 if grinder else 0.0)
 
 
 def monitor(rng: random.Random) -> tuple[str, str, float]:
     inch, res, hz = rng.choice([24, 27, 32]), rng.choice(["1080p", "1440p", "4K"]), rng.choice([60, 144, 165])
     title = f"{inch}-Inch {res} Monitor, {hz} Hz, IPS Panel"
-    body = (f"Thin bezels, HDMI and DisplayPort inputs, tilt-adjustable stand and VESA mount. "
-            f"{'Adaptive sync for smooth gaming. ' if hz > 60 else ''}Eye-care flicker-free backlight.")
+    body = (
+        f"Thin bezels, HDMI and DisplayPort inputs, tilt-adjustable stand and VESA mount. "
+        f"{'Adaptive sync for smooth gaming. ' if hz > 60 else ''}Eye-care flicker-free backlight."
+    )
     return title, body, 40.0 + inch * 3.0 + {"1080p": 0.0, "1440p": 70.0, "4K": 180.0}[res] + (hz - 60) * 0.6
 
 
@@ -100,8 +127,10 @@ def guitar(rng: random.Random) -> tuple[str, str, float]:
     solid, pickup = rng.random() < 0.5, rng.random() < 0.5
     top = "Solid Spruce" if solid else "Laminated"
     title = f"Full Size Acoustic Guitar, {top} Top{', with Pickup' if pickup else ''}"
-    body = (f"Dreadnought body with mahogany back and sides, rosewood fingerboard and steel strings. "
-            f"Includes gig bag, strap and {rng.choice([3, 5, 10])} picks.")
+    body = (
+        f"Dreadnought body with mahogany back and sides, rosewood fingerboard and steel strings. "
+        f"Includes gig bag, strap and {rng.choice([3, 5, 10])} picks."
+    )
     return title, body, 85.0 + (120.0 if solid else 0.0) + (60.0 if pickup else 0.0)
 
 
@@ -115,8 +144,10 @@ def notebook(rng: random.Random) -> tuple[str, str, float]:
 def scooter(rng: random.Random) -> tuple[str, str, float]:
     km, watts = rng.choice([20, 35, 50]), rng.choice([250, 350, 500])
     title = f"Electric Scooter for Adults, {watts} W Motor, {km} km Range, Foldable"
-    body = (f"Top speed 25 km/h, {rng.choice([8.5, 10])}-inch tyres, front and rear brakes and LED headlight. "
-            f"Folds in 3 seconds for carrying.")
+    body = (
+        f"Top speed 25 km/h, {rng.choice([8.5, 10])}-inch tyres, front and rear brakes and LED headlight. "
+        f"Folds in 3 seconds for carrying."
+    )
     return title, body, 180.0 + km * 6.0 + watts * 0.5
 
 

@@ -13,25 +13,108 @@ import json
 import random
 from pathlib import Path
 
-STEMS = ["Bal", "Cor", "Dun", "Ester", "Fen", "Gal", "Hal", "Istra", "Jor", "Kel", "Lun", "Mar", "Nor", "Orr", "Pell",
-         "Quen", "Ros", "Sel", "Tam", "Ull", "Ver", "Wyn", "Yar", "Zel", "Brem", "Caul", "Dray", "Elm", "Ferr", "Gorm"]
+STEMS = [
+    "Bal",
+    "Cor",
+    "Dun",
+    "Ester",
+    "Fen",
+    "Gal",
+    "Hal",
+    "Istra",
+    "Jor",
+    "Kel",
+    "Lun",
+    "Mar",
+    "Nor",
+    "Orr",
+    "Pell",
+    "Quen",
+    "Ros",
+    "Sel",
+    "Tam",
+    "Ull",
+    "Ver",
+    "Wyn",
+    "Yar",
+    "Zel",
+    "Brem",
+    "Caul",
+    "Dray",
+    "Elm",
+    "Ferr",
+    "Gorm",
+]
 TOWN_ENDS = ["ford", "mere", "wick", "brook", "dale", "haven", "stead", "holm", "ton", "bury", "gate", "moor"]
 RIVER_ENDS = ["a", "en", "is", "ow", "ane", "ell", "ith", "or"]
-FIRST = ["Alma", "Bertil", "Casimir", "Delphine", "Edric", "Fenna", "Gustav", "Hilde", "Ivo", "Jorunn", "Konrad",
-         "Liesel", "Matthias", "Nadia", "Oskar", "Petra", "Rune", "Sabine", "Tobias", "Ulla", "Viktor", "Wanda"]
+FIRST = [
+    "Alma",
+    "Bertil",
+    "Casimir",
+    "Delphine",
+    "Edric",
+    "Fenna",
+    "Gustav",
+    "Hilde",
+    "Ivo",
+    "Jorunn",
+    "Konrad",
+    "Liesel",
+    "Matthias",
+    "Nadia",
+    "Oskar",
+    "Petra",
+    "Rune",
+    "Sabine",
+    "Tobias",
+    "Ulla",
+    "Viktor",
+    "Wanda",
+]
 SURNAME_ENDS = ["sen", "berg", "ova", "ani", "ley", "mark", "strom", "vik", "ardt", "quist"]
 SHE = {"Alma", "Delphine", "Fenna", "Hilde", "Jorunn", "Liesel", "Nadia", "Petra", "Sabine", "Ulla", "Wanda"}
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
-PRODUCTS = ["blue cheese", "copper kettles", "woollen blankets", "apple cider", "glass beads", "clay pipes",
-            "smoked trout", "linen cloth", "honey cakes", "wooden clocks", "rope", "salt"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+PRODUCTS = [
+    "blue cheese",
+    "copper kettles",
+    "woollen blankets",
+    "apple cider",
+    "glass beads",
+    "clay pipes",
+    "smoked trout",
+    "linen cloth",
+    "honey cakes",
+    "wooden clocks",
+    "rope",
+    "salt",
+]
 BUILDINGS = ["Old Mill", "Corn Exchange", "Grey Chapel", "Toll House", "Bell Tower", "Weavers' Hall", "Stone Granary"]
 JOBS = ["wool merchant", "ferryman", "stonemason", "blacksmith", "brewer", "miller", "surveyor", "fisherman"]
-INVENTIONS = [("pattern loom", "weaving patterned cloth"), ("tide clock", "predicting high water"),
-              ("seed drill", "planting grain in straight rows"), ("lamp regulator", "keeping a gas flame steady"),
-              ("folding press", "printing small pamphlets"), ("ice saw", "cutting blocks from frozen lakes"),
-              ("wind gauge", "measuring the speed of wind"), ("brick mould", "shaping bricks of equal size"),
-              ("rail clamp", "holding tracks in place"), ("water filter", "cleaning drinking water")]
+INVENTIONS = [
+    ("pattern loom", "weaving patterned cloth"),
+    ("tide clock", "predicting high water"),
+    ("seed drill", "planting grain in straight rows"),
+    ("lamp regulator", "keeping a gas flame steady"),
+    ("folding press", "printing small pamphlets"),
+    ("ice saw", "cutting blocks from frozen lakes"),
+    ("wind gauge", "measuring the speed of wind"),
+    ("brick mould", "shaping bricks of equal size"),
+    ("rail clamp", "holding tracks in place"),
+    ("water filter", "cleaning drinking water"),
+]
 GOODS = ["sewing machines", "bicycles", "pocket watches", "farm tools", "printing presses", "lanterns", "barometers"]
 RANGES = ["Hollin Hills", "Greywater Mountains", "Sarn Uplands", "Kestle Fells", "Morrow Heights", "Tarn Ridge"]
 SEAS = ["Gulf of Aster", "Northmere Sea", "Bay of Calder", "Strait of Orrin", "Pellan Sea"]
@@ -61,21 +144,43 @@ def town_doc(rng: random.Random) -> tuple[str, list[str], list[tuple]]:
     pop = f"{rng.randint(2, 60)},{rng.randint(0, 9)}00"
     month, product, building, job = rng.choice(MONTHS), rng.choice(PRODUCTS), rng.choice(BUILDINGS), rng.choice(JOBS)
     sentences = [
-        rng.choice([f"{name} is a market town on the banks of the {riv} River.",
-                    f"{name} is a small town that lies beside the {riv} River."]),
-        rng.choice([f"It was founded in {founded} by {first} {surname}, a {job}.",
-                    f"The town was founded in {founded} by a {job} named {first} {surname}."]),
-        rng.choice([f"{name} is known for its {product}, sold at a fair held every {month}.",
-                    f"Every {month} the town holds a fair where its famous {product} is sold."]),
+        rng.choice(
+            [
+                f"{name} is a market town on the banks of the {riv} River.",
+                f"{name} is a small town that lies beside the {riv} River.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"It was founded in {founded} by {first} {surname}, a {job}.",
+                f"The town was founded in {founded} by a {job} named {first} {surname}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{name} is known for its {product}, sold at a fair held every {month}.",
+                f"Every {month} the town holds a fair where its famous {product} is sold.",
+            ]
+        ),
         f"At the last census the population was about {pop}.",
-        rng.choice([f"The oldest building in {name} is the {building}, completed in {built}.",
-                    f"The {building}, completed in {built}, is the oldest building in {name}."]),
+        rng.choice(
+            [
+                f"The oldest building in {name} is the {building}, completed in {built}.",
+                f"The {building}, completed in {built}, is the oldest building in {name}.",
+            ]
+        ),
     ]
     qas = [
-        (rng.choice([f"Which river flows past {name}?", f"On the banks of which river is {name}?"]), 0,
-         [f"the {riv} River", f"{riv} River", riv]),
-        (rng.choice([f"When was {name} founded?", f"In what year was {name} founded?"]), 1,
-         [str(founded), f"in {founded}"]),
+        (
+            rng.choice([f"Which river flows past {name}?", f"On the banks of which river is {name}?"]),
+            0,
+            [f"the {riv} River", f"{riv} River", riv],
+        ),
+        (
+            rng.choice([f"When was {name} founded?", f"In what year was {name} founded?"]),
+            1,
+            [str(founded), f"in {founded}"],
+        ),
         (rng.choice([f"Who founded {name}?", f"Who was the founder of {name}?"]), 1, [f"{first} {surname}", surname]),
         (f"What was the occupation of {first} {surname}?", 1, [job, f"a {job}"]),
         (rng.choice([f"What is {name} known for?", f"What is sold at the fair in {name}?"]), 2, [product]),
@@ -96,15 +201,26 @@ def inventor_doc(rng: random.Random) -> tuple[str, list[str], list[tuple]]:
     closed = shown + rng.randint(15, 70)
     sentences = [
         f"{first} {surname} was an engineer born in {city} in {born}.",
-        rng.choice([f"{pron} is best remembered for inventing the {invention}, a device for {purpose}.",
-                    f"{pron} is remembered today as the inventor of the {invention}, a device for {purpose}."]),
+        rng.choice(
+            [
+                f"{pron} is best remembered for inventing the {invention}, a device for {purpose}.",
+                f"{pron} is remembered today as the inventor of the {invention}, a device for {purpose}.",
+            ]
+        ),
         f"The first working model was shown in {shown_in} in {shown}.",
-        rng.choice([f"{surname} later founded the {company}, which made {goods} until {closed}.",
-                    f"Later {surname} started the {company}, a firm that built {goods} until {closed}."]),
+        rng.choice(
+            [
+                f"{surname} later founded the {company}, which made {goods} until {closed}.",
+                f"Later {surname} started the {company}, a firm that built {goods} until {closed}.",
+            ]
+        ),
     ]
     qas = [
-        (rng.choice([f"What did {first} {surname} invent?", f"Which device is {surname} remembered for?"]), 1,
-         [f"the {invention}", invention]),
+        (
+            rng.choice([f"What did {first} {surname} invent?", f"Which device is {surname} remembered for?"]),
+            1,
+            [f"the {invention}", invention],
+        ),
         (f"Where was {first} {surname} born?", 0, [city, f"in {city}"]),
         (f"In what year was {first} {surname} born?", 0, [str(born)]),
         (f"What was the {invention} used for?", 1, [purpose, f"a device for {purpose}"]),
@@ -125,8 +241,12 @@ def river_doc(rng: random.Random) -> tuple[str, list[str], list[tuple]]:
     first, surname, _ = person(rng)
     mapped = rng.randint(1500, 1880)
     sentences = [
-        rng.choice([f"The {riv} River rises in the {hills} and flows {length} kilometres to the {sea}.",
-                    f"Rising in the {hills}, the {riv} River runs for {length} kilometres before reaching the {sea}."]),
+        rng.choice(
+            [
+                f"The {riv} River rises in the {hills} and flows {length} kilometres to the {sea}.",
+                f"Rising in the {hills}, the {riv} River runs for {length} kilometres before reaching the {sea}.",
+            ]
+        ),
         f"Its largest tributary is the {trib}.",
         f"The port of {mouth_town} stands at its mouth.",
         f"The river was first mapped by {first} {surname} in {mapped}.",
@@ -134,8 +254,11 @@ def river_doc(rng: random.Random) -> tuple[str, list[str], list[tuple]]:
     ]
     qas = [
         (f"Where does the {riv} River rise?", 0, [f"the {hills}", hills]),
-        (rng.choice([f"How long is the {riv} River?", f"How many kilometres does the {riv} River flow?"]), 0,
-         [f"{length} kilometres", str(length)]),
+        (
+            rng.choice([f"How long is the {riv} River?", f"How many kilometres does the {riv} River flow?"]),
+            0,
+            [f"{length} kilometres", str(length)],
+        ),
         (f"Into which sea does the {riv} River flow?", 0, [f"the {sea}", sea]),
         (f"What is the largest tributary of the {riv} River?", 1, [f"the {trib}", trib]),
         (f"Which port stands at the mouth of the {riv} River?", 2, [mouth_town]),
@@ -163,8 +286,15 @@ def rows(n: int, rng: random.Random, multi: bool, seen: set[str]) -> list[dict]:
             found = [t for t in variants if t in sentences[idx]]
             texts = found[: rng.randint(1, min(3, len(found)))] if multi else found[:1]
             starts = [offsets[idx] + sentences[idx].index(t) for t in texts]
-            out.append({"id": f"{rng.getrandbits(96):024x}", "title": title, "context": context, "question": question,
-                        "answers": {"text": texts, "answer_start": starts}})
+            out.append(
+                {
+                    "id": f"{rng.getrandbits(96):024x}",
+                    "title": title,
+                    "context": context,
+                    "question": question,
+                    "answers": {"text": texts, "answer_start": starts},
+                }
+            )
     return out
 
 

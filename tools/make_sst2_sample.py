@@ -8,14 +8,62 @@ import json
 import random
 from pathlib import Path
 
-POSITIVE = ["wonderful", "moving", "funny", "brilliant", "charming", "gripping", "delightful", "warm", "clever",
-            "beautiful", "thoughtful", "fresh", "touching", "smart", "lively"]
-NEGATIVE = ["dull", "tedious", "clumsy", "boring", "lifeless", "messy", "shallow", "bland", "tiresome", "flat",
-            "pointless", "stale", "awkward", "weak", "forgettable"]
-SUBJECTS = ["the film", "this movie", "the story", "the script", "the cast", "the director's work", "the ending",
-            "the acting", "the plot", "the soundtrack", "every scene", "the dialogue"]
-TEMPLATES = ["{s} is {a} .", "{s} feels {a} from start to finish .", "a {a} picture , and {s} shows it .",
-             "{s} turns out {a} and {b} .", "what a {a} experience ; {s} is {b} .", "{s} is simply {a} ."]
+POSITIVE = [
+    "wonderful",
+    "moving",
+    "funny",
+    "brilliant",
+    "charming",
+    "gripping",
+    "delightful",
+    "warm",
+    "clever",
+    "beautiful",
+    "thoughtful",
+    "fresh",
+    "touching",
+    "smart",
+    "lively",
+]
+NEGATIVE = [
+    "dull",
+    "tedious",
+    "clumsy",
+    "boring",
+    "lifeless",
+    "messy",
+    "shallow",
+    "bland",
+    "tiresome",
+    "flat",
+    "pointless",
+    "stale",
+    "awkward",
+    "weak",
+    "forgettable",
+]
+SUBJECTS = [
+    "the film",
+    "this movie",
+    "the story",
+    "the script",
+    "the cast",
+    "the director's work",
+    "the ending",
+    "the acting",
+    "the plot",
+    "the soundtrack",
+    "every scene",
+    "the dialogue",
+]
+TEMPLATES = [
+    "{s} is {a} .",
+    "{s} feels {a} from start to finish .",
+    "a {a} picture , and {s} shows it .",
+    "{s} turns out {a} and {b} .",
+    "what a {a} experience ; {s} is {b} .",
+    "{s} is simply {a} .",
+]
 
 
 def rows(n: int, rng: random.Random, start: int) -> list[dict]:

@@ -10,8 +10,18 @@ from helpers import ROOT, run_cli, scalars
 
 from qlit.models.bitnet import BitLinear, PackedBitLinear, load_packed
 
-SHORT = ["--trainer.max_steps", "12", "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1",
-         "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "12"]
+SHORT = [
+    "--trainer.max_steps",
+    "12",
+    "--trainer.max_epochs",
+    "-1",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.val_check_interval",
+    "12",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +31,9 @@ def qat_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
-    return run_cli(tmp_path_factory.mktemp("qlora_bitnet"), "fit", "--config",
-                   str(ROOT / "configs/demo_qlora_bitnet.yaml"), *SHORT)
+    return run_cli(
+        tmp_path_factory.mktemp("qlora_bitnet"), "fit", "--config", str(ROOT / "configs/demo_qlora_bitnet.yaml"), *SHORT
+    )
 
 
 @pytest.mark.parametrize("run", ["qat_run", "qlora_run"])

@@ -1,0 +1,246 @@
+"""qlit compare: runs read back from their TensorBoard logs give one row each with exactly the values they logged."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import ROOT, run_cli, scalars
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+from qlit.callbacks.trainable_ratio import TrainableParamsMonitor
+from qlit.compare import collect_runs, main, plot, table, to_csv, to_markdown
+from qlit.errors import QlitError
+
+# Above 2**24, so a float32 TensorBoard scalar cannot hold it: the table must take it from the float64 hparams.
+FULL_PARAMS = 494_032_769
+QLORA_RATIO = 0.0123456789  # not a float32 value either
+QLORA_TOKENS = [900.0, 3000.0, 2000.0, 2500.0]  # median 2250: the slow first step must not decide it
+FULL_TOKENS = [100.0, 300.0, 200.0]
+
+
+def tb_run(root: Path, name: str, hparams: dict, series: dict[str, list[tuple[int, float]]]) -> Path:
+    """A run written the way qlit's CLI writes one: Lightning's TensorBoardLogger, hparams record, then metrics."""
+    logger = TensorBoardLogger(save_dir=str(root), name=name)
+    logger.log_hyperparams(hparams)
+    for step, metrics in sorted(_by_step(series).items()):
+        logger.log_metrics(metrics, step=step)
+    logger.finalize("success")
+    return Path(logger.log_dir)
+
+
+def _by_step(series: dict[str, list[tuple[int, float]]]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for tag, points in series.items():
+        for step, value in points:
+            out.setdefault(step, {})[tag] = value
+    return out
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Path:
+    """Three runs under ``tmp_path/logs``: full fine-tuning (CPU), QLoRA (GPU), and DoRA without an hparams record."""
+    logs = tmp_path / "logs"
+    tb_run(
+        logs,
+        "full",
+        {"pretrained": "tiny", "quantization": "none", "adapter": "full", "params/trainable": FULL_PARAMS},
+        {
+            "params/trainable": [(0, float(FULL_PARAMS))],
+            "params/trainable_ratio": [(0, 1.0)],
+            "cpu/peak_rss_gib": [(5, 1.5), (10, 2.25), (15, 2.0)],
+            "train/tokens_per_sec": list(zip((5, 10, 15), FULL_TOKENS, strict=True)),
+            "train/loss": [(4, 3.0), (9, 2.0), (14, 1.5)],
+            "val/loss": [(9, 2.5), (19, 1.75)],
+            "val/accuracy": [(9, 0.5), (19, 0.75)],
+            "time/fit_seconds": [(20, 120.5)],
+        },
+    )
+    tb_run(
+        logs,
+        "qlora",
+        {"pretrained": "tiny", "quantization": "nf4", "adapter": "LoraConfig", "params/trainable_ratio": QLORA_RATIO},
+        {
+            "params/trainable": [(0, 16384.0)],  # not in its hparams: the scalar is the fallback
+            "params/trainable_ratio": [(0, QLORA_RATIO)],
+            "gpu/peak_allocated_gib": [(5, 3.5), (10, 4.25), (15, 4.0)],
+            "cpu/peak_rss_gib": [(5, 9.0)],  # a GPU run: its GPU peak is the one to compare
+            "train/tokens_per_sec": list(zip((5, 10, 15, 20), QLORA_TOKENS, strict=True)),
+            "train/loss": [(4, 2.0), (9, 1.0), (14, 0.5)],
+            "val/loss": [(9, 2.0), (19, 1.0), (29, 1.25)],  # the final value, not the best
+            "val/perplexity": [(29, 3.5)],
+            "val/accuracy": [(29, 0.875)],
+            "val/latency_ms_mean": [(29, 12.5)],
+            "time/fit_seconds": [(30, 60.25)],
+        },
+    )
+    # A run whose event file has no hparams record (as from an older qlit): model, quantization and adapter come
+    # from the resolved config.yaml LightningCLI writes beside it.
+    dora = logs / "squad" / "version_1"
+    with SummaryWriter(str(dora)) as writer:
+        writer.add_scalar("train/loss", 4.0, 1)
+        for tag, value in {"train/loss": 3.0, "val/loss": 0.5, "val/f1": 40.0, "val/exact_match": 25.0}.items():
+            writer.add_scalar(tag, value, 2)
+        writer.add_scalar("cpu/peak_rss_gib", 1.0, 2)
+    config = {
+        "model": {
+            "class_path": "qlit.module.QLitModule",
+            "init_args": {
+                "pretrained": "qlit-tiny/llama",
+                "quantization": {"mode": "int8", "compute_dtype": "bfloat16"},
+                "adapter": {"class_path": "peft.LoraConfig", "init_args": {"r": 8, "use_dora": True}},
+            },
+        }
+    }
+    (dora / "config.yaml").write_text(yaml.safe_dump(config))
+    return logs
+
+
+def by_run(rows: list[dict]) -> dict[str, dict]:
+    return {row["run"]: row for row in rows}
+
+
+def test_one_row_per_run_with_the_logged_values(study):
+    runs = collect_runs([study])
+    assert [run.name for run in runs] == ["full/version_0", "qlora/version_0", "squad/version_1"]
+    rows = by_run(table(runs))
+    qlora, full, dora = rows["qlora/version_0"], rows["full/version_0"], rows["squad/version_1"]
+
+    assert (qlora["model"], qlora["quantization"], qlora["adapter"]) == ("tiny", "nf4", "LoraConfig")
+    assert qlora["params/trainable_ratio"] == QLORA_RATIO  # from the float64 hparams, not the float32 scalar
+    assert qlora["params/trainable"] == 16384
+    assert (qlora["peak_memory_gib"], qlora["peak_memory_of"]) == (4.25, "gpu allocated")
+    assert qlora["train/tokens_per_sec"] == statistics.median(QLORA_TOKENS) == 2250.0
+    assert qlora["train/loss"] == 0.5
+    assert qlora["val/loss"] == 1.25
+    assert (qlora["val/perplexity"], qlora["val/accuracy"], qlora["val/latency_ms_mean"]) == (3.5, 0.875, 12.5)
+    assert qlora["time/fit_seconds"] == 60.25
+
+    assert full["params/trainable"] == FULL_PARAMS
+    assert (full["peak_memory_gib"], full["peak_memory_of"]) == (2.25, "cpu rss")
+    assert full["train/tokens_per_sec"] == 200.0
+    assert full["val/latency_ms_mean"] is None
+
+    assert (dora["model"], dora["quantization"], dora["adapter"]) == ("qlit-tiny/llama", "int8", "LoraConfig+dora")
+    assert (dora["val/f1"], dora["val/exact_match"], dora["val/loss"]) == (40.0, 25.0, 0.5)
+    assert dora["params/trainable_ratio"] is None and dora["train/tokens_per_sec"] is None
+
+
+def test_columns_no_run_has_are_dropped(study):
+    columns = list(table(collect_runs([study]))[0])
+    assert columns[:4] == ["run", "model", "quantization", "adapter"]
+    assert {"val/accuracy", "val/f1", "val/exact_match", "val/latency_ms_mean"} <= set(columns)
+    for absent in ("val/bleu", "val/price_mae", "val/price_rmsle", "val/price_hit_rate", "predict/latency_ms_mean"):
+        assert absent not in columns
+
+
+def test_sorting_puts_runs_without_the_value_last(study):
+    runs = collect_runs([study])
+    assert [r["run"] for r in table(runs, sort="val/loss")] == ["squad/version_1", "qlora/version_0", "full/version_0"]
+    ranked = table(runs, sort="val/accuracy", descending=True)
+    assert [r["run"] for r in ranked] == ["qlora/version_0", "full/version_0", "squad/version_1"]
+    with pytest.raises(QlitError, match="val/bleu"):
+        table(runs, sort="val/bleu")
+
+
+def test_markdown_and_csv_round_trip(study, tmp_path):
+    rows = table(collect_runs([study]), sort="val/loss")
+    markdown = to_markdown(rows).splitlines()
+    assert markdown[0] == "| " + " | ".join(rows[0]) + " |"
+    assert len(markdown) == 2 + len(rows)
+    assert "| qlora/version_0 | tiny | nf4 | LoraConfig | 0.01235 | 16,384 |" in markdown[3]
+    assert "—" in markdown[2]  # the DoRA run has no trainable ratio
+
+    with to_csv(rows, tmp_path / "out" / "study.csv").open(newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [list(r) for r in back] == [list(r) for r in rows]
+    for row, read in zip(rows, back, strict=True):
+        for column, value in row.items():
+            if value is None:
+                assert read[column] == ""
+            elif isinstance(value, str):
+                assert read[column] == value
+            else:
+                assert float(read[column]) == value  # full precision
+
+
+def test_plot_writes_pngs(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = plot(collect_runs([study]), tmp_path / "plots")
+    names = {p.name for p in written}
+    # Each run's bar is under its own task's metric: SST-2-like runs by accuracy, the SQuAD-like run by F1.
+    bars = {"peak_memory.png", "fit_time.png", "trainable_ratio.png", "val_accuracy.png", "val_f1.png"}
+    assert names == {"loss.png", *bars}
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_paths_are_run_dirs_or_folders_read_once(study, tmp_path):
+    runs = collect_runs([study / "qlora", study, str(study / "qlora" / "version_0")])
+    assert [run.name for run in runs] == ["qlora/version_0", "full/version_0", "squad/version_1"]
+    # Runs of the same name under two log roots are told apart by their parent folder.
+    other = tb_run(tmp_path / "other", "qlora", {"adapter": "IA3Config"}, {"train/loss": [(1, 1.0)]})
+    names = [run.name for run in collect_runs([study / "qlora", other])]
+    assert names == ["logs/qlora/version_0", "other/qlora/version_0"]
+
+
+def test_versions_in_numeric_order(tmp_path):
+    for _ in range(11):
+        tb_run(tmp_path, "demo", {}, {"train/loss": [(1, 1.0)]})
+    names = [run.name for run in collect_runs([tmp_path])]
+    assert names[:3] == ["demo/version_0", "demo/version_1", "demo/version_2"] and names[-1] == "demo/version_10"
+
+
+def test_user_errors_name_the_path(tmp_path, capsys):
+    with pytest.raises(QlitError, match="'.*missing' does not exist"):
+        collect_runs([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QlitError, match="'.*empty' holds no TensorBoard run"):
+        collect_runs([tmp_path / "empty"])
+    SummaryWriter(str(tmp_path / "crashed" / "version_0")).close()  # an event file with no metric in it
+    with pytest.raises(QlitError, match="'.*crashed' holds only runs that logged no metric"):
+        collect_runs([tmp_path / "crashed"])
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "empty")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qlit compare: error: ") and err.count("\n") == 1
+
+
+def test_main_prints_the_table_and_writes_files(study, tmp_path, capsys):
+    main([str(study), "--sort", "val/loss", "--csv", str(tmp_path / "t.csv")])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].startswith("| squad/version_1 |")
+    assert f"wrote {tmp_path / 't.csv'}" in err and (tmp_path / "t.csv").is_file()
+
+
+def test_a_real_run(tmp_path):
+    cli = run_cli(tmp_path, "fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps", "2",
+                  "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+                  "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1")  # fmt: skip
+    (run,) = collect_runs([tmp_path / "logs"])
+    (row,) = table([run])
+    logged = scalars(run.path)
+    counted = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TrainableParamsMonitor)).metrics
+    assert (row["run"], row["model"], row["quantization"], row["adapter"]) == (
+        "demo/version_0", "qlit-tiny/qwen2", "nf4", "LoraConfig"
+    )  # fmt: skip
+    assert row["params/trainable_ratio"] == counted["params/trainable_ratio"]
+    assert row["params/trainable"] == counted["params/trainable"]
+    assert row["peak_memory_of"] == "cpu rss"
+    assert row["peak_memory_gib"] == max(v for _, v in logged["cpu/peak_rss_gib"])
+    assert row["val/loss"] == logged["val/loss"][-1][1]
+    assert row["train/tokens_per_sec"] == statistics.median(v for _, v in logged["train/tokens_per_sec"])
+    assert row["time/fit_seconds"] > 0 and row["val/accuracy"] is not None
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(study, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail as if not installed
+    with pytest.raises(QlitError, match=r"pip install matplotlib"):
+        plot(collect_runs([study]), tmp_path / "plots")
