@@ -16,6 +16,11 @@ from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
 DEMO = "configs/demo.yaml"
+# 6 optimizer steps of the demo config, logged every step, validated at the end.
+SIX_STEPS = (
+    "fit --config configs/demo.yaml --trainer.max_steps 6 --trainer.max_epochs -1 --trainer.val_check_interval 6 "
+    "--trainer.log_every_n_steps 1"
+).split()
 
 
 def lora() -> LoraConfig:
@@ -93,25 +98,9 @@ def trained_demo(tmp_path_factory):
     """A short run of the demo config: 6 optimizer steps, checkpoint every 3, validation at the end."""
     tmp = tmp_path_factory.mktemp("demo")
     cli = run_cli(
-        tmp,
-        "fit",
-        "--config",
-        DEMO,
-        "--trainer.max_steps",
-        "6",
-        "--trainer.max_epochs",
-        "-1",
-        "--trainer.val_check_interval",
-        "6",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--checkpoint.every_n_train_steps",
-        "3",
-        "--checkpoint.save_top_k",
-        "-1",
-        "--checkpoint.monitor",
-        "null",
-    )
+        tmp, *SIX_STEPS, "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1",
+        "--checkpoint.monitor", "null",
+    )  # fmt: skip
     return cli, tmp
 
 
@@ -155,22 +144,7 @@ def test_checkpoints_hold_only_trainable_weights_and_resume(trained_demo):
     assert all("lora_" in k for k in state["state_dict"])
     assert state["optimizer_states"], "optimizer state must be kept for resuming"
 
-    resumed = run_cli(
-        tmp,
-        "fit",
-        "--config",
-        DEMO,
-        "--trainer.max_steps",
-        "6",
-        "--trainer.max_epochs",
-        "-1",
-        "--trainer.val_check_interval",
-        "6",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--ckpt_path",
-        str(step3),
-    )
+    resumed = run_cli(tmp, *SIX_STEPS, "--ckpt_path", str(step3))
     assert resumed.trainer.global_step == 6
     steps = [s for s, _ in scalars(resumed.trainer.log_dir)["train/loss"]]
     assert min(steps) >= 3, f"a resumed run starts after the checkpoint's step, logged {steps}"
