@@ -28,6 +28,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import SacreBLEUScore
 from torchmetrics.text import SQuAD as SQuADMetric
 
+from qlit.errors import QlitError
+
 # Generates greedy continuations for the prompts of a batch and returns their decoded text.
 GenerateFn = Callable[[dict[str, Any]], list[str]]
 
@@ -70,7 +72,10 @@ class LabelWordTask(Task):
 
     def __init__(self, label_words: Sequence[str], first_token_ids: Sequence[int]) -> None:
         if len(set(first_token_ids)) != len(first_token_ids):
-            raise ValueError(f"label words {list(label_words)} share their first token: they cannot be scored apart")
+            raise QlitError(
+                f"data.label_words {list(label_words)} start with the same token, so they cannot be scored apart: "
+                "choose words that begin differently."
+            )
         self.label_words = list(label_words)
         self.first_token_ids = torch.tensor(list(first_token_ids))
 

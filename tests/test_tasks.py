@@ -227,3 +227,11 @@ def test_generation_samples_are_logged_as_text_once_per_pass():
 def test_format_samples_keeps_whitespace_in_code_blocks():
     text = format_samples([("def f():\n    return 1", "Returns one.", "Return 1.")])
     assert "        return 1" in text and "**Generation**" in text
+
+
+def test_label_words_that_share_a_first_token_are_refused():
+    from qlit.errors import QlitError
+    from qlit.tasks import LabelWordTask
+
+    with pytest.raises(QlitError, match="same token"):
+        LabelWordTask(["good", "goodish"], [7, 7])
