@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from qlit.errors import QlitError
+from qlit.paths import QLIT_BASE_FILE
 
 EVENTS_PREFIX = "events.out.tfevents."
 
@@ -286,7 +287,7 @@ def _config_hparams(run_dir: Path) -> dict[str, Any]:
 
 def _qlit_base_hparams(run_dir: Path) -> dict[str, Any]:
     """``pretrained`` and ``quantization`` from ``adapter/qlit_base.json``, which fit saves beside the adapter."""
-    path = run_dir / "adapter" / "qlit_base.json"
+    path = run_dir / "adapter" / QLIT_BASE_FILE
     try:
         base = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -24,7 +24,8 @@ from qlit.errors import QlitError
 from qlit.hub import looks_local
 from qlit.models.loading import load_causal_lm, load_tokenizer, resolve_pretrained
 from qlit.models.quantization import DTypeName, Quantization, to_dtype
-from qlit.module import QLIT_BASE_FILE, QLitModule
+from qlit.module import QLitModule
+from qlit.paths import QLIT_BASE_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 

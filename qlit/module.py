@@ -22,12 +22,10 @@ from qlit.models.adapters import check_adapter
 from qlit.models.loading import load_causal_lm
 from qlit.models.quantization import Quantization
 from qlit.optim import WarmupCosineLR
+from qlit.paths import QLIT_BASE_FILE
 from qlit.tasks import Task
 
 log = logging.getLogger(__name__)
-
-#: Written beside a saved adapter: the base model and how it was stored (quantization) while the adapter trained.
-QLIT_BASE_FILE = "qlit_base.json"
 
 
 class QLitModule(pl.LightningModule):
