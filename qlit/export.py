@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 from qlit.errors import QlitError
 from qlit.hub import looks_local
+from qlit.io import atomic_dir
 from qlit.models.loading import load_causal_lm, load_tokenizer, resolve_pretrained
 from qlit.models.quantization import DTypeName, Quantization, to_dtype
 from qlit.module import QLitModule
@@ -38,13 +37,6 @@ class _Base:
     revision: str | None
     dtype: str
     quantization: Quantization
-
-    @property
-    def training_dtype(self) -> str | None:
-        """The dtype the adapted layers computed in (``None``: the checkpoint's own)."""
-        if self.quantization.is_quantized:
-            return self.quantization.compute_dtype
-        return None if self.dtype == "auto" else self.dtype
 
 
 def export_merged(
@@ -150,12 +142,7 @@ def _merge_into_base(
             "rather than a change of weights, so there is nothing to merge: load it with peft.PeftModel instead."
         )
     spec = _read_base(adapter_dir, name, peft_config, base, quantization)
-    if spec.quantization.mode == "bitnet" and dequantize:
-        raise QlitError(
-            f"Adapter '{name}' trained on a BitNet b1.58 base, whose layers also quantize activations to 8 bits, "
-            "which a plain transformers model cannot compute: pass --dequantize false to merge into the original "
-            "full-precision weights instead."
-        )
+    spec.quantization.backend.check_export(name, dequantize=dequantize)
     if looks_local(spec.pretrained):
         _refuse_overwriting(out_dir, Path(resolve_pretrained(spec.pretrained)))
 
@@ -168,13 +155,14 @@ def _merge_into_base(
         revision=spec.revision,
         trust_remote_code=trust_remote_code,
     )
-    out_dtype = to_dtype(dtype or spec.training_dtype or _dtype_name(model.dtype))
-    if getattr(model, "hf_quantizer", None) is not None:
-        # transformers' own inverse of its bitsandbytes loading: Linear4bit/Linear8bitLt become nn.Linear holding
-        # the weights the k-bit kernels computed with, and quantization_config leaves the config.
-        model = model.dequantize()
+    out_dtype = to_dtype(dtype or spec.quantization.training_dtype(spec.dtype) or _dtype_name(model.dtype))
+    model = load_as.backend.dequantize(model)
     merged = _merge(model.to(torch.float32), adapter_dir, name, spec).to(out_dtype)
-    _save_atomically(merged, _tokenizer(adapter_dir, spec, trust_remote_code), out_dir)
+    tokenizer = _tokenizer(adapter_dir, spec, trust_remote_code)
+    # An interrupted export never leaves a half-written model where a loader would take it for a whole one.
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
     return out_dir
 
 
@@ -270,22 +258,6 @@ def _tokenizer(adapter_dir: Path, spec: _Base, trust_remote_code: bool) -> Any:
 
         return AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     return load_tokenizer(spec.pretrained, revision=spec.revision, trust_remote_code=trust_remote_code)
-
-
-def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    # Written beside the target and renamed into place, so an interrupted export never leaves a half-written model
-    # where a loader would take it for a whole one.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def export_main(argv: list[str] | None = None) -> Path:

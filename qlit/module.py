@@ -79,11 +79,8 @@ class QLitModule(pl.LightningModule):
         save_adapter: bool = True,
     ) -> None:
         super().__init__()
-        if quantization.needs_adapter and adapter is None and adapter_path is None:
-            raise QlitError(
-                f"quantization mode '{quantization.mode}' stores frozen k-bit weights that cannot be fully "
-                "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
-            )
+        if adapter is None and adapter_path is None:
+            quantization.backend.check_full_fine_tuning()
         if adapter is not None:
             # Refused pairs fail here, before any weight is loaded.
             check_adapter(adapter, quantization, gradient_checkpointing=gradient_checkpointing)
@@ -171,12 +168,9 @@ class QLitModule(pl.LightningModule):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         ckpt_kwargs = dict(self.gradient_checkpointing_kwargs or {"use_reentrant": True})
-        if self.quantization.mode == "bitnet":
-            from qlit.models.bitnet import apply_bitnet
-
-            # Under an adapter the ternary base is frozen and packed (QLoRA + BitNet); alone it trains (QAT).
-            apply_bitnet(model, mode="frozen" if self.has_adapter else "qat")
-        if self.quantization.is_bitsandbytes and self.prepare_kbit:
+        backend = self.quantization.backend
+        backend.convert(model, has_adapter=self.has_adapter)
+        if backend.kbit_training and self.prepare_kbit:
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=self.gradient_checkpointing,
@@ -354,22 +348,25 @@ class QLitModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.save_adapter and self.has_adapter:
             self._save_adapter()
-        elif self.quantization.mode == "bitnet":
-            self._save_bitnet()
+        else:
+            self._save_trained()
+
+    def _log_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     @rank_zero_only
-    def _save_bitnet(self) -> None:
-        from qlit.models.bitnet import save_packed
-
-        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "bitnet"
-        save_packed(self.model, target)
+    def _save_trained(self) -> None:
+        # A base with a format of its own (BitNet's packed ternary weights) is saved in it, beside its tokenizer.
+        target = self.quantization.backend.save_trained(self.model, self._log_dir())
+        if target is None:
+            return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(target))
-        log.info("packed BitNet model saved to %s", target)
+        log.info("trained model saved to %s", target)
 
     @rank_zero_only
     def _save_adapter(self) -> None:
-        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        target = self._log_dir() / "adapter"
         self.save_adapter_to(target)
         log.info("adapter saved to %s", target)
 

@@ -9,7 +9,7 @@ import torch
 
 from qlit.errors import QlitError
 from qlit.hub import looks_local, offline_unless_reachable
-from qlit.models.quantization import Quantization, to_dtype
+from qlit.models.quantization import Quantization
 from qlit.models.tiny import is_tiny, resolve_tiny
 
 
@@ -66,41 +66,22 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
-    """Load ``name`` onto ``device`` with the weights stored as ``quantization`` says.
+    """Load ``name`` onto ``device`` with the weights stored as ``quantization``'s backend says.
 
     The whole model goes onto the one device Lightning assigned to this process (never ``device_map="auto"``,
     which would spread it over every GPU and break DDP/FSDP).
     """
     from transformers import AutoModelForCausalLM
 
-    quantization.check_device(device)
+    backend = quantization.backend
+    backend.check_device(device)
     kwargs: dict[str, Any] = dict(
         revision=revision,
         trust_remote_code=trust_remote_code,
-        dtype=to_dtype(quantization.compute_dtype if quantization.is_quantized and dtype == "auto" else dtype)
-        if dtype != "auto" or quantization.is_quantized
-        else "auto",
+        dtype=quantization.weights_dtype(dtype),
+        **backend.load_kwargs(device),
     )
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    bnb = quantization.to_bnb_config()
-    if bnb is not None:
-        kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": device}
     model = _from_pretrained(AutoModelForCausalLM, name, "weights", **kwargs)
-    if bnb is None:
-        model.to(device)
-    elif device.type == "cpu":
-        _keep_cpu_4bit_trainable(model)
-    return model
-
-
-def _keep_cpu_4bit_trainable(model) -> None:
-    # bitsandbytes (0.50) repacks a 4-bit weight into an AVX512-BF16 inference layout the first time a CPU
-    # Linear4bit runs in eval mode, and never repacks it back: training after a validation pass then fails
-    # ("a view of a leaf Variable ... in-place"). Fine-tuning alternates the two, so keep the trainable layout.
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    return backend.after_load(model, device)

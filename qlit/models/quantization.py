@@ -1,7 +1,8 @@
 """How a base model's weights are stored while it is fine-tuned: one small typed spec.
 
-The spec maps onto ``transformers.BitsAndBytesConfig`` for the bitsandbytes modes; invalid combinations are
-refused when the spec is built, in one sentence, before any weight is loaded.
+What a mode means (how the base loads, trains, saves and exports) is its backend's, in ``qlit.models.quant``; the
+spec's modes are the ones the backends serve. Invalid combinations are refused when the spec is built, in one
+sentence, before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Literal
 import torch
 
 from qlit.errors import QlitError
+from qlit.models.quant import QuantBackend, backend_class, backend_modes
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
-QuantMode = Literal["none", "int8", "nf4", "fp4", "bitnet"]
+QuantMode = Literal[backend_modes()]  # type: ignore[valid-type]  # a backend module adds its modes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STORAGE = {**_DTYPES, "uint8": torch.uint8}
@@ -60,51 +62,40 @@ class Quantization:
             raise QlitError(
                 f"Unknown quantization compute_dtype '{self.compute_dtype}': use one of {', '.join(_DTYPES)}."
             )
-        if self.double_quant and not self.is_4bit:
+        if self.double_quant and not self.backend.is_4bit:
             raise QlitError(f"double_quant applies to 4-bit quantization only, but mode is '{self.mode}'.")
-        if self.quant_storage != "uint8" and not self.is_4bit:
+        if self.quant_storage != "uint8" and not self.backend.is_4bit:
             raise QlitError(f"quant_storage applies to 4-bit quantization only, but mode is '{self.mode}'.")
 
     @property
-    def is_4bit(self) -> bool:
-        return self.mode in ("nf4", "fp4")
+    def backend(self) -> QuantBackend:
+        """What this mode does to the base: load, convert, refuse adapters, save and export it."""
+        return backend_class(self.mode)(self)
 
     @property
-    def is_bitsandbytes(self) -> bool:
-        return self.mode in ("int8", "nf4", "fp4")
+    def uses_double_quant(self) -> bool:
+        """Whether the quantization constants are quantized too (on by default where they exist, in 4 bits)."""
+        return bool(self.double_quant if self.double_quant is not None else self.backend.is_4bit)
 
-    @property
-    def is_quantized(self) -> bool:
-        """True when the base weights are stored or computed in a low-bit format."""
-        return self.mode != "none"
+    def weights_dtype(self, dtype: str) -> torch.dtype | str:
+        """What ``from_pretrained`` gets as ``dtype`` for the module's ``dtype`` (``auto`` or a dtype name).
 
-    @property
-    def needs_adapter(self) -> bool:
-        """bitsandbytes k-bit weights cannot be trained directly; BitNet trains its latent weights (QAT)."""
-        return self.is_bitsandbytes
+        ``auto`` keeps the checkpoint's own dtype, or takes the compute dtype when the base is quantized.
+        """
+        if dtype == "auto" and not self.backend.quantized:
+            return "auto"
+        return to_dtype(self.compute_dtype if dtype == "auto" else dtype)
 
-    def check_device(self, device: torch.device) -> None:
-        """Refuse what the device cannot run, before any weight is loaded."""
-        if device.type == "cpu" and self.is_quantized and self.compute_dtype == "float16":
-            raise QlitError("quantization.compute_dtype float16 is not supported on CPU: use bfloat16 or float32.")
+    def training_dtype(self, dtype: str) -> str | None:
+        """The dtype the adapted layers compute in for the module's ``dtype`` (``None``: the checkpoint's own)."""
+        if self.backend.quantized:
+            return self.compute_dtype
+        return None if dtype == "auto" else dtype
 
-    def to_bnb_config(self):
-        """The ``BitsAndBytesConfig`` for this spec, or ``None`` when the weights are not quantized."""
-        if not self.is_bitsandbytes:
-            return None
-        from transformers import BitsAndBytesConfig
-
-        if self.mode == "int8":
-            return BitsAndBytesConfig(
-                load_in_8bit=True,
-                llm_int8_threshold=self.int8_threshold,
-                llm_int8_skip_modules=self.skip_modules,
-            )
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.mode,
-            bnb_4bit_use_double_quant=bool(self.double_quant if self.double_quant is not None else True),
-            bnb_4bit_compute_dtype=_DTYPES[self.compute_dtype],
-            bnb_4bit_quant_storage=_STORAGE[self.quant_storage],
-            llm_int8_skip_modules=self.skip_modules,
-        )
+    def study_columns(self, dtype: str) -> dict[str, object]:
+        """How the base was stored, as the columns a quantization study compares runs by."""
+        return {
+            "quantization": self.mode,
+            "compute_dtype": self.training_dtype(dtype) or dtype,
+            "double_quant": self.uses_double_quant,
+        }

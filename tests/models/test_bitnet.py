@@ -222,15 +222,12 @@ def test_apply_bitnet_gpt2_conv1d_is_transposed_correctly():
         torch.testing.assert_close(F.linear(x, qat.weight, qat.bias), conv(x), rtol=1e-5, atol=1e-6)
 
 
-def test_apply_bitnet_target_modules_and_errors():
-    model = _tiny("qwen2")
-    replaced = apply_bitnet(model, mode="frozen", target_modules=["q_proj", "mlp.down_proj"])
-    assert replaced == [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
-    assert type(model.model.layers[0].self_attn.k_proj) is nn.Linear
-    with pytest.raises(QlitError, match="lm_head"):
-        apply_bitnet(model, mode="qat", target_modules=["lm_head"])
+def test_apply_bitnet_errors_and_packing_after_qat():
     with pytest.raises(QlitError, match="mode"):
-        apply_bitnet(model, mode="int4")  # type: ignore[arg-type]
+        apply_bitnet(_tiny("qwen2"), mode="int4")  # type: ignore[arg-type]
+    # Only the projections inside decoder layers are BitNet's: a model without any is refused, not left as it was.
+    with pytest.raises(QlitError, match="no decoder layers in Sequential"):
+        apply_bitnet(nn.Sequential(nn.Linear(4, 4)), mode="qat")
     # QAT layers are packed by a later frozen pass: train with QAT, deploy packed.
     qat = _tiny("llama")
     apply_bitnet(qat, mode="qat")

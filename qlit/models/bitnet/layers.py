@@ -1,46 +1,20 @@
-"""BitNet b1.58: ternary weights and 8-bit activations for the projection layers of Hugging Face decoders.
+"""BitNet b1.58 layers: the ternary weight and 8-bit activation quantisers, 2-bit packing, and the two layers.
 
-BitNet (Wang et al. 2023, "BitNet: Scaling 1-bit Transformers for Large Language Models") replaces the linear layers
-of a Transformer with ``BitLinear``; BitNet b1.58 (Ma et al. 2024, "The Era of 1-bit LLMs: All Large Language Models
-are in 1.58 Bits") makes its weights ternary, ``{-1, 0, +1}`` times one per-tensor scale, and quantises its input
-activations per token to 8 bits. Two modes are offered:
-
-* ``"qat"``: :class:`BitLinear` keeps full-precision latent weights, quantises weights and activations on the fly in
-  the forward pass and trains the latent weights through a straight-through estimator (quantisation-aware training).
-* ``"frozen"``: :class:`PackedBitLinear` stores only the ternary weights, four to a byte, plus the scale and the bias;
-  it is frozen and serves as the base of a LoRA adapter (peft wraps it like any ``nn.Linear``).
-
-Both layers compute bit for bit the same forward pass from the same latent weights, so a model trained with QAT,
-packed with ``apply_bitnet(model, mode="frozen")`` and saved with ``state_dict`` reproduces its logits exactly.
+:class:`BitLinear` trains full-precision latent weights through the quantisers (QAT); :class:`PackedBitLinear` holds
+only the packed ternary weights and is frozen. Both compute bit for bit the same forward pass from the same latent
+weights.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlit.errors import QlitError
-
-__all__ = [
-    "ACTIVATION_QMAX",
-    "EPS",
-    "BitLinear",
-    "PackedBitLinear",
-    "activation_quant",
-    "apply_bitnet",
-    "bitnet_weight_bytes",
-    "pack_ternary",
-    "unpack_ternary",
-    "weight_dequant",
-    "weight_quant",
-]
 
 EPS = 1e-5
 """Keeps the weight and activation scales finite for all-zero tensors (the paper's epsilon)."""
@@ -373,93 +347,6 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
-def _decoder_layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's repeated Transformer blocks (decoder layers), outermost only.
-
-    Transformers names its block classes in ``_no_split_modules`` (``Qwen2DecoderLayer``, ``GPT2Block``...); a
-    model without it falls back to the elements of its ``nn.ModuleList``s.
-    """
-    block_classes = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    names = [name for name, m in model.named_modules() if name and type(m).__name__ in block_classes]
-    if not names:
-        names = [
-            f"{name}.{child}" if name else child
-            for name, m in model.named_modules()
-            if isinstance(m, nn.ModuleList)
-            for child, _ in m.named_children()
-        ]
-    names.sort(key=len)
-    outermost: list[str] = []
-    for name in names:
-        if not any(name.startswith(outer + ".") for outer in outermost):
-            outermost.append(name)
-    return outermost
-
-
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    # peft's convention: a target names a module by its full qualified name or by a dotted suffix of it.
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def apply_bitnet(
-    model: nn.Module,
-    *,
-    mode: Literal["qat", "frozen"],
-    target_modules: list[str] | None = None,
-) -> list[str]:
-    """Replace the projection layers of a Hugging Face decoder by BitNet b1.58 layers, in place.
-
-    Only ``nn.Linear`` and GPT-2 ``Conv1D`` layers inside the decoder layers are candidates: embeddings, ``lm_head``
-    and classification heads are never replaced, and nothing else in the model changes. Layers that already are
-    :class:`BitLinear` are packed in ``"frozen"`` mode (QAT, then pack for deployment) and kept in ``"qat"`` mode;
-    :class:`PackedBitLinear` layers are kept.
-
-    A packed model saved with ``model.state_dict()`` is restored by building the same architecture, calling
-    ``apply_bitnet(model, mode="frozen")`` and then ``model.load_state_dict(state)``.
-
-    Args:
-        model: The model, e.g. from ``AutoModelForCausalLM``; apply before wrapping it with peft.
-        mode: ``"qat"`` for :class:`BitLinear` (trainable latent weights, keeping their ``requires_grad``) or
-            ``"frozen"`` for :class:`PackedBitLinear` (packed, nothing trainable).
-        target_modules: Names (full or dotted suffixes, e.g. ``["q_proj", "v_proj"]``) of the projection layers to
-            replace; every linear layer of the decoder layers when ``None``.
-
-    Returns:
-        The qualified names of the layers replaced, in model order.
-
-    Raises:
-        QlitError: For an unknown mode, a model without decoder layers, or a target that names no projection layer.
-    """
-    if mode not in ("qat", "frozen"):
-        raise QlitError(f"BitNet mode must be 'qat' or 'frozen', got '{mode}'.")
-    layers = _decoder_layer_names(model)
-    if not layers:
-        raise QlitError(f"Found no decoder layers in {type(model).__name__} to apply BitNet to.")
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if _is_linear_like(module) and any(name.startswith(layer + ".") for layer in layers)
-    ]
-    if target_modules is not None:
-        unmatched = [t for t in target_modules if not any(_matches(name, [t]) for name, _ in candidates)]
-        if unmatched:
-            raise QlitError(
-                f"BitNet target_modules {unmatched} match no linear layer inside the decoder layers; "
-                f"choose among names such as {sorted({n.rsplit('.', 1)[-1] for n, _ in candidates})}."
-            )
-        candidates = [(name, module) for name, module in candidates if _matches(name, target_modules)]
-
-    replaced: list[str] = []
-    for name, module in candidates:
-        if isinstance(module, PackedBitLinear) or (mode == "qat" and isinstance(module, BitLinear)):
-            continue
-        new = BitLinear.from_module(module) if mode == "qat" else PackedBitLinear.from_module(module)
-        new.train(module.training)
-        model.set_submodule(name, new)
-        replaced.append(name)
-    return replaced
-
-
 def bitnet_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Memory of the weights of the model's BitNet layers, for memory reports.
 
@@ -492,50 +379,3 @@ def bitnet_weight_bytes(model: nn.Module) -> dict[str, int]:
         "packed_bytes": packed,
         "bf16_bytes": 2 * params,
     }
-
-
-PACKED_WEIGHTS_FILE = "bitnet_model.safetensors"
-
-
-def save_packed(model: nn.Module, directory: str | Path) -> Path:
-    """Save a BitNet model with its projections packed (2 bits per weight) beside its ``config.json``.
-
-    A QAT model is packed on a copy, so the caller's model keeps training its latent weights. Reload with
-    :func:`load_packed`.
-
-    Args:
-        model: a Hugging Face model after :func:`apply_bitnet` (either mode).
-        directory: where ``config.json`` and ``bitnet_model.safetensors`` are written.
-
-    Returns:
-        The path of the weights file.
-    """
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    packed = copy.deepcopy(model)
-    apply_bitnet(packed, mode="frozen")
-    packed.config.save_pretrained(directory)
-    path = directory / PACKED_WEIGHTS_FILE
-    save_model(packed, str(path))  # save_model de-duplicates tied tensors (tied embeddings), save_file would refuse
-    return path
-
-
-def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a model written by :func:`save_packed`: the architecture from ``config.json``, packed ternary layers.
-
-    Args:
-        directory: the directory :func:`save_packed` wrote.
-        dtype: dtype of the unpacked parts (embeddings, norms, ``lm_head``) and of the computation.
-    """
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    directory = Path(directory)
-    if not (directory / PACKED_WEIGHTS_FILE).is_file():
-        raise QlitError(f"'{directory}' holds no {PACKED_WEIGHTS_FILE}: it is not a packed BitNet model.")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
-    apply_bitnet(model, mode="frozen")
-    load_model(model, str(directory / PACKED_WEIGHTS_FILE))
-    return model.eval()

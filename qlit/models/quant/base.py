@@ -1,0 +1,120 @@
+"""What every quantization backend answers: the one place the rest of qlit asks about a quantization mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from qlit.errors import QlitError
+
+if TYPE_CHECKING:
+    from qlit.models.quantization import Quantization
+
+_BACKENDS: dict[str, type[QuantBackend]] = {}
+
+
+class QuantBackend:
+    """How one family of quantization modes stores, trains, saves and exports the base model.
+
+    A subclass declares the ``modes`` it serves and is found by its mode alone: a module in ``qlit.models.quant``
+    that defines one is all a new mode needs. The defaults describe a base whose weights transformers loads as they
+    are and that trains like any model.
+
+    Args:
+        spec: the quantization spec this backend serves.
+    """
+
+    modes: ClassVar[tuple[str, ...]] = ()
+    #: The base computes in ``Quantization.compute_dtype``, not in the module's dtype.
+    quantized: ClassVar[bool] = True
+    #: The base weights cannot train: an adapter is required.
+    needs_adapter: ClassVar[bool] = False
+    #: peft's ``prepare_model_for_kbit_training`` (fp32 norms, input gradients) is the recipe for this base.
+    kbit_training: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for mode in cls.modes:
+            if mode in _BACKENDS:
+                raise TypeError(f"quantization mode '{mode}' is served by both {_BACKENDS[mode]} and {cls}.")
+        _BACKENDS.update(dict.fromkeys(cls.modes, cls))
+
+    def __init__(self, spec: Quantization) -> None:
+        self.spec = spec
+
+    @property
+    def is_4bit(self) -> bool:
+        """Whether the weights are stored in 4 bits with quantization constants (double_quant, quant_storage)."""
+        return False
+
+    @property
+    def packs_weights(self) -> bool:
+        """Whether several weights share one stored element, so a layer's weight has no ``(out, in)`` shape."""
+        return False
+
+    # ----- before any weight is loaded --------------------------------------------------------------------------------
+    def check_full_fine_tuning(self) -> None:
+        """Refuse training without an adapter when the base cannot train."""
+        if self.needs_adapter:
+            raise QlitError(
+                f"quantization mode '{self.spec.mode}' stores frozen k-bit weights that cannot be fully "
+                "fine-tuned: set model.init_args.adapter (e.g. class_path: peft.LoraConfig) or quantization.mode none."
+            )
+
+    def adapter_refusal(self, adapter: Any) -> str | None:
+        """Why peft cannot train ``adapter`` on this base (one sentence), or ``None`` when it can."""
+        from peft.tuners.lycoris_utils import LycorisConfig
+
+        if isinstance(adapter, LycorisConfig) and self.packs_weights:
+            # peft has no quantized layer for LoHa/LoKr: it wraps a packed layer (bitsandbytes' Linear4bit, BitNet's
+            # PackedBitLinear) as a plain nn.Linear and reshapes its update to the packed weight's shape, which fails.
+            return (
+                f"{type(adapter).__name__} cannot train on a {self.spec.mode} base, because peft reshapes its update "
+                "to the packed weight's shape: use quantization.mode int8 or none."
+            )
+        return None
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse what the device cannot run, before any weight is loaded."""
+        if device.type == "cpu" and self.quantized and self.spec.compute_dtype == "float16":
+            raise QlitError("quantization.compute_dtype float16 is not supported on CPU: use bfloat16 or float32.")
+
+    # ----- loading and training ---------------------------------------------------------------------------------------
+    def load_kwargs(self, device: torch.device) -> dict[str, Any]:
+        """What ``from_pretrained`` needs besides the dtype to load the base stored this way on ``device``."""
+        return {}
+
+    def after_load(self, model: Any, device: torch.device) -> Any:
+        """The loaded model, on ``device`` and ready to train."""
+        return model.to(device)
+
+    def convert(self, model: Any, *, has_adapter: bool) -> None:
+        """Change the loaded model's layers in place, before peft wraps it (nothing for a base loaded as stored)."""
+
+    # ----- after training ---------------------------------------------------------------------------------------------
+    def save_trained(self, model: Any, log_dir: Path) -> Path | None:
+        """Save a model at the end of ``fit`` in this backend's own format, when it has one; where it was saved."""
+        return None
+
+    def check_export(self, adapter: str, *, dequantize: bool) -> None:
+        """Refuse merging adapter ``adapter`` into this base when a plain transformers model cannot hold it."""
+
+    def dequantize(self, model: Any) -> Any:
+        """The loaded base as plain ``nn.Linear`` layers holding the weights its kernels computed with."""
+        if getattr(model, "hf_quantizer", None) is None:
+            return model
+        # transformers' own inverse of its quantized loading: the layers become nn.Linear holding the weights the
+        # k-bit kernels computed with, and quantization_config leaves the config.
+        return model.dequantize()
+
+
+def backend_class(mode: str) -> type[QuantBackend]:
+    """The backend class serving ``mode``."""
+    return _BACKENDS[mode]
+
+
+def backend_modes() -> tuple[str, ...]:
+    """Every mode some backend serves, in the order they were declared."""
+    return tuple(_BACKENDS)

@@ -1,0 +1,89 @@
+"""``int8``, ``nf4``, ``fp4``: bitsandbytes k-bit weights, quantized by transformers while it loads the base.
+
+``int8`` is LLM.int8() (Dettmers et al. 2022); ``nf4`` / ``fp4`` are the 4-bit data types of QLoRA (Dettmers et al.
+2023). The k-bit weights are frozen, so an adapter is required; export de-quantizes them with transformers' own
+``model.dequantize()``, to the very weights the adapter trained against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from qlit.models.quant.base import QuantBackend
+
+_FOUR_BIT = ("nf4", "fp4")
+
+
+class BitsAndBytes(QuantBackend):
+    """A base quantized by ``transformers.BitsAndBytesConfig`` at load time."""
+
+    modes: ClassVar[tuple[str, ...]] = ("int8", *_FOUR_BIT)
+    needs_adapter: ClassVar[bool] = True
+    kbit_training: ClassVar[bool] = True
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.spec.mode in _FOUR_BIT
+
+    @property
+    def packs_weights(self) -> bool:
+        return self.is_4bit  # two 4-bit weights to a byte; LLM.int8() keeps one weight per int8 element
+
+    def adapter_refusal(self, adapter: Any) -> str | None:
+        from peft import LoraConfig
+
+        # Where the model will train is not known yet (config time): the CPU, unless there is a GPU to train on.
+        on_cpu = not torch.cuda.is_available()
+        if isinstance(adapter, LoraConfig) and getattr(adapter, "use_dora", False) and not self.is_4bit and on_cpu:
+            # peft's DoRA de-quantizes the 8-bit weight and, on CPU only, re-creates bitsandbytes' Int8Params,
+            # which drops its row scales (SCB): the next forward fails ("'NoneType' object has no attribute ...").
+            return (
+                "DoRA (use_dora) cannot train on an int8 base on CPU, because peft loses the 8-bit scales there: "
+                "use quantization.mode nf4, fp4 or none, or train on a GPU."
+            )
+        return super().adapter_refusal(adapter)
+
+    def load_kwargs(self, device: torch.device) -> dict[str, Any]:
+        # The whole model goes onto the one device Lightning assigned to this process.
+        return {"quantization_config": self.bnb_config(), "device_map": {"": device}}
+
+    def bnb_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` for this spec."""
+        from transformers import BitsAndBytesConfig
+
+        from qlit.models.quantization import to_dtype  # the spec's module imports the backends
+
+        spec = self.spec
+        if not self.is_4bit:
+            return BitsAndBytesConfig(
+                load_in_8bit=True,
+                llm_int8_threshold=spec.int8_threshold,
+                llm_int8_skip_modules=spec.skip_modules,
+            )
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.mode,
+            bnb_4bit_use_double_quant=spec.uses_double_quant,
+            bnb_4bit_compute_dtype=to_dtype(spec.compute_dtype),
+            bnb_4bit_quant_storage=to_dtype(spec.quant_storage),
+            llm_int8_skip_modules=spec.skip_modules,
+        )
+
+    def after_load(self, model: Any, device: torch.device) -> Any:
+        # device_map already placed it.
+        if device.type == "cpu":
+            _keep_cpu_4bit_trainable(model)
+        return model
+
+
+def _keep_cpu_4bit_trainable(model: Any) -> None:
+    # bitsandbytes (0.50) repacks a 4-bit weight into an AVX512-BF16 inference layout the first time a CPU
+    # Linear4bit runs in eval mode, and never repacks it back: training after a validation pass then fails
+    # ("a view of a leaf Variable ... in-place"). Fine-tuning alternates the two, so keep the trainable layout.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,14 @@
+"""``none``: the base keeps the module's dtype and trains like any model, with or without an adapter."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from qlit.models.quant.base import QuantBackend
+
+
+class NoQuantization(QuantBackend):
+    """Full-precision (or half-precision) weights, loaded as the checkpoint stores them."""
+
+    modes: ClassVar[tuple[str, ...]] = ("none",)
+    quantized: ClassVar[bool] = False
