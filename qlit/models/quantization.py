@@ -62,9 +62,9 @@ class Quantization:
             raise QlitError(
                 f"Unknown quantization compute_dtype '{self.compute_dtype}': use one of {', '.join(_DTYPES)}."
             )
-        if self.double_quant and not self.backend.is_4bit:
+        if self.double_quant and not self.is_4bit:
             raise QlitError(f"double_quant applies to 4-bit quantization only, but mode is '{self.mode}'.")
-        if self.quant_storage != "uint8" and not self.backend.is_4bit:
+        if self.quant_storage != "uint8" and not self.is_4bit:
             raise QlitError(f"quant_storage applies to 4-bit quantization only, but mode is '{self.mode}'.")
 
     @property
@@ -73,22 +73,32 @@ class Quantization:
         return backend_class(self.mode)(self)
 
     @property
+    def is_4bit(self) -> bool:
+        """Whether the weights are stored in 4 bits with quantization constants (double_quant, quant_storage)."""
+        return self.backend.is_4bit
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the base computes in ``compute_dtype`` rather than in the module's dtype."""
+        return self.backend.quantized
+
+    @property
     def uses_double_quant(self) -> bool:
         """Whether the quantization constants are quantized too (on by default where they exist, in 4 bits)."""
-        return bool(self.double_quant if self.double_quant is not None else self.backend.is_4bit)
+        return bool(self.double_quant if self.double_quant is not None else self.is_4bit)
 
     def weights_dtype(self, dtype: str) -> torch.dtype | str:
         """What ``from_pretrained`` gets as ``dtype`` for the module's ``dtype`` (``auto`` or a dtype name).
 
         ``auto`` keeps the checkpoint's own dtype, or takes the compute dtype when the base is quantized.
         """
-        if dtype == "auto" and not self.backend.quantized:
+        if dtype == "auto" and not self.is_quantized:
             return "auto"
         return to_dtype(self.compute_dtype if dtype == "auto" else dtype)
 
     def training_dtype(self, dtype: str) -> str | None:
         """The dtype the adapted layers compute in for the module's ``dtype`` (``None``: the checkpoint's own)."""
-        if self.backend.quantized:
+        if self.is_quantized:
             return self.compute_dtype
         return None if dtype == "auto" else dtype
 
