@@ -10,7 +10,7 @@ import pytest
 from data_helpers import SAMPLES, sample_rows, write_jsonl
 
 from qlit.data import IndicVaultDataModule, PricerDataModule, SQuADDataModule, SST2DataModule
-from qlit.data.base import infer_builder
+from qlit.data.sources import infer_builder
 from qlit.errors import QlitError
 
 GPT2 = "qlit-tiny/gpt2"
