@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
+from qlit.data.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 from qlit.models.adapters import check_adapter
 from qlit.models.loading import load_causal_lm
@@ -227,7 +228,7 @@ class QLitModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any], loss_metric: MeanMetric, metrics: MetricCollection) -> dict[str, Any]:
         out = self(batch)
         # Token-weighted, so the epoch loss is the mean over every answer token, as perplexity is defined.
-        loss_metric.update(out.loss.detach().float(), weight=(batch["labels"][:, 1:] != -100).sum())
+        loss_metric.update(out.loss.detach().float(), weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         step: dict[str, Any] = {"loss": out.loss.detach()}
 
         def generate(b: dict[str, Any]) -> list[str]:

@@ -13,7 +13,8 @@ import tokenize
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.tasks import BLEUTask
 
 # Fallback when the tokenizer gives up (Python 2 code, a function cut mid-string): the first triple-quoted string.
@@ -95,14 +96,13 @@ class CodeSearchNetDataModule(QLitDataModule):
         doc = row["func_documentation_string"].strip()
         doc = first_paragraph(doc) if self.docstring == "summary" else doc
         code = strip_docstring(row["func_code_string"]).strip("\n")
-        chat = self.use_chat()
         if self.direction == "code_to_doc":
             what = "a one-paragraph summary docstring" if self.docstring == "summary" else "the docstring"
             user = f"Write {what} for this Python function.\n\n```python\n{code}\n```"
-            return Example(user, doc) if chat else Example(f"{user}\nDocstring:", f" {doc}")
+            return self.renderer.example(user, doc, "Docstring:")
         name = row.get("func_name") or ""
         user = "Write a Python function" + (f" named {name}" if name else "") + f" that does this:\n\n{doc}"
-        return Example(user, code) if chat else Example(f"{user}\nCode:\n", code)
+        return self.renderer.example(user, code, "Code:\n")
 
     def format_options(self) -> dict[str, Any]:
         return {"chat": self.use_chat(), "direction": self.direction, "docstring": self.docstring}

@@ -6,7 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.errors import QlitError
 from qlit.tasks import GenerationTask
 

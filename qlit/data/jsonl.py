@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.tasks import GenerationTask
 
 _ROLES = ("system", "user", "assistant")

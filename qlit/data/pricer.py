@@ -6,7 +6,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.tasks import PriceTask, parse_price
 
 MARKER = "Price is $"
@@ -65,10 +66,9 @@ class PricerDataModule(QLitDataModule):
         text = row["text"]
         at = text.find(MARKER) + len(MARKER)
         price = text[at:].strip() or f"{round(row['price'])}.00"
-        extra = {"price": float(row["price"])}
-        if self.use_chat():
-            return Example(text[: at - len(MARKER)].strip(), f"{MARKER}{price}", extra)
-        return Example(text[:at], price, extra)
+        return self.renderer.example(
+            text[: at - len(MARKER)], price, MARKER, {"price": float(row["price"])}, inline=True
+        )
 
     def format_options(self) -> dict[str, Any]:
         return {"chat": self.use_chat()}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.tasks import SQuADTask
 
 _INSTRUCTION = "Answer the question with a short span copied from the context."
@@ -56,12 +57,9 @@ class SQuADDataModule(QLitDataModule):
         return None
 
     def to_example(self, row: Mapping[str, Any]) -> Example:
-        answer = row["answers"]["text"][0]
+        answers = list(row["answers"]["text"])
         user = f"{_INSTRUCTION}\n\nContext: {row['context']}\n\nQuestion: {row['question']}"
-        extra = {"squad_id": row["id"], "gold_answers": list(row["answers"]["text"])}
-        if self.use_chat():
-            return Example(user, answer, extra)
-        return Example(f"{user}\nAnswer:", f" {answer}", extra)
+        return self.renderer.example(user, answers[0], "Answer:", {"gold_answers": answers})
 
     def format_options(self) -> dict[str, Any]:
         return {"chat": self.use_chat()}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from qlit.data.base import Example, QLitDataModule
+from qlit.data.base import QLitDataModule
+from qlit.data.render import Example
 from qlit.tasks import LabelWordTask
 
 _INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
@@ -43,12 +44,8 @@ class SST2DataModule(QLitDataModule):
         return None
 
     def to_example(self, row: Mapping[str, Any]) -> Example:
-        word = self.label_words[row["label"]]
-        if self.use_chat():
-            return Example(f"{_INSTRUCTION}\n\nReview: {row['sentence']}", word, {"class_label": row["label"]})
-        return Example(
-            f"{_INSTRUCTION}\n\nReview: {row['sentence']}\nSentiment:", f" {word}", {"class_label": row["label"]}
-        )
+        user = f"{_INSTRUCTION}\n\nReview: {row['sentence']}"
+        return self.renderer.example(user, self.label_words[row["label"]], "Sentiment:", {"class_label": row["label"]})
 
     def format_options(self) -> dict[str, Any]:
         return {"label_words": self.label_words, "chat": self.use_chat()}

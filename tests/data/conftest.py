@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlit.models.tiny import cache_root, resolve_tiny
+from qlit.models.tiny import resolve_tiny
+from qlit.paths import cache_root
 
 TOKENIZERS = ("qlit-tiny/qwen2", "qlit-tiny/gpt2")  # ChatML chat template / plain prompts
 

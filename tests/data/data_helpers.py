@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from qlit.data.base import QLitDataModule
+from qlit.data.batch import IGNORE_INDEX
+from qlit.paths import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parents[2] / "qlit" / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -28,17 +30,17 @@ def sample_rows(folder: str, split: str) -> list[dict[str, Any]]:
 
 
 def learned_text(dm: QLitDataModule, item: Mapping[str, Any]) -> str:
-    """The decoded tokens of a tokenised row whose label is not -100 (what the loss learns)."""
-    return dm.tokenizer.decode([t for t in item["labels"] if t != -100])
+    """The decoded tokens of a tokenised row whose label is not IGNORE_INDEX (what the loss learns)."""
+    return dm.tokenizer.decode([t for t in item["labels"] if t != IGNORE_INDEX])
 
 
 def learned_runs(dm: QLitDataModule, item: Mapping[str, Any]) -> list[str]:
     """Each contiguous run of learned tokens, decoded (one per learned assistant turn)."""
     runs: list[list[int]] = []
-    previous = -100
+    previous = IGNORE_INDEX
     for token in item["labels"]:
-        if token != -100:
-            if previous == -100:
+        if token != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
                 runs.append([])
             runs[-1].append(token)
         previous = token

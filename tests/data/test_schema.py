@@ -17,6 +17,7 @@ from qlit.data import (
     SQuADDataModule,
     SST2DataModule,
 )
+from qlit.data.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 
 GPT2 = "qlit-tiny/gpt2"
@@ -147,7 +148,7 @@ def test_over_long_rows_are_skipped_and_counted_never_cut(caplog):
     eos = dm.tokenizer.eos_token
     for item in dm.datasets["train"]:
         assert len(item["input_ids"]) <= 160
-        learned = dm.tokenizer.decode([t for t in item["labels"] if t != -100])
+        learned = dm.tokenizer.decode([t for t in item["labels"] if t != IGNORE_INDEX])
         assert learned == f" {item['reference']}{eos}"
 
 

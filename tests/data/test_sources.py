@@ -1,4 +1,4 @@
-"""Sources (hub layout, local JSONL/JSON/CSV/Parquet files), split carving, sample limits and the tokenised cache."""
+"""Sources (hub layout, local JSONL/JSON/CSV/Parquet files), split carving and sample limits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from data_helpers import SAMPLES, sample_rows, write_jsonl
 
 from qlit.data import IndicVaultDataModule, PricerDataModule, SQuADDataModule, SST2DataModule
-from qlit.data.base import infer_builder
+from qlit.data.sources import infer_builder
 from qlit.errors import QlitError
 
 GPT2 = "qlit-tiny/gpt2"
@@ -125,27 +125,6 @@ def test_generation_bound_and_row_ids_reach_task_and_batches():
     assert dm.task.max_generate_rows == 3
     ids = [i for batch in dm.val_dataloader() for i in batch["row_index"].tolist()]
     assert ids == list(range(40))
-
-
-def test_a_second_setup_reads_the_tokenised_cache(qlit_cache):
-    options = dict(tokenizer=GPT2, path="qlit-samples/indicvault_hinglish", limit_train_samples=50)
-    first = IndicVaultDataModule(**options)
-    first.setup("fit")
-    assert first.cache_hits == 0
-    assert len(list((qlit_cache / "tokenized").iterdir())) == 2
-    second = IndicVaultDataModule(**options)
-    second.setup("fit")
-    assert second.cache_hits == 2
-    for split in ("train", "validation"):
-        assert second.datasets[split]["input_ids"] == first.datasets[split]["input_ids"]
-        assert second.datasets[split]["labels"] == first.datasets[split]["labels"]
-    # The skipped-row counts come back with the cache, so they are reported on every run.
-    assert second.skipped == first.skipped and sum(s["policy"] for s in second.skipped.values()) > 0
-    # Anything that changes the tokens is part of the key: a new option tokenises again.
-    third = IndicVaultDataModule(**options, system_prompt="Hinglish mein jawab do.")
-    third.setup("fit")
-    assert third.cache_hits == 0
-    assert len(list((qlit_cache / "tokenized").iterdir())) == 4
 
 
 def test_bundled_samples_ignore_hub_config_and_revision():

@@ -18,6 +18,7 @@ from qlit.data import (
     SQuADDataModule,
     SST2DataModule,
 )
+from qlit.data.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 
 QWEN, GPT2 = "qlit-tiny/qwen2", "qlit-tiny/gpt2"
@@ -99,7 +100,7 @@ def test_learned_tokens_are_exactly_the_answer_and_its_end_token(tokenizer, fold
             wanted[tuple(answers)] += 1
             k = item["prompt_length"]
             # The generation prompt ends right where the last answer begins.
-            assert item["labels"][k] != -100 and item["labels"][k - 1] == -100
+            assert item["labels"][k] != IGNORE_INDEX and item["labels"][k - 1] == IGNORE_INDEX
             assert dm.tokenizer.decode(item["input_ids"][k:]) == answers[-1]
             if chat:
                 assert dm.tokenizer.decode(item["input_ids"][:k]).endswith("<|im_start|>assistant\n")
@@ -146,30 +147,6 @@ def test_doc_to_code_learns_the_code_without_its_docstring():
     assert learned.startswith("def ") and learned.endswith("<|endoftext|>")
     assert '"""' not in learned
     assert learned.removesuffix("<|endoftext|>").splitlines()[-1] == row["func_code_string"].splitlines()[-1]
-
-
-def test_batches_are_padded_dynamically_with_left_padded_prompts():
-    dm = SQuADDataModule(tokenizer=GPT2, path="qlit-samples/squad", batch_size=4, cache=False)
-    dm.setup("fit")
-    pad = dm.tokenizer.pad_token_id
-    for batch in list(dm.val_dataloader())[:2]:
-        lengths = batch["attention_mask"].sum(dim=1)
-        assert batch["input_ids"].size(1) == int(lengths.max())  # padded to the longest row, no further
-        for i in range(batch["input_ids"].size(0)):
-            n = int(lengths[i])
-            ids, labels = batch["input_ids"][i], batch["labels"][i]
-            assert (labels[n:] == -100).all() and (ids[n:] == pad).all()
-            learned = labels != -100
-            assert (labels[learned] == ids[learned]).all()
-            k = int(batch["prompt_attention_mask"][i].sum())
-            prompt = batch["prompt_input_ids"][i]
-            assert (prompt[prompt.size(0) - k :] == ids[:k]).all()  # left-padded copy of the prompt
-            assert not learned[:k].any() and learned[k]
-        assert batch["row_index"].tolist() == sorted(batch["row_index"].tolist())
-    dm8 = SQuADDataModule(tokenizer=GPT2, path="qlit-samples/squad", batch_size=4, pad_to_multiple_of=8, cache=False)
-    dm8.setup("validate")
-    batch = next(iter(dm8.val_dataloader()))
-    assert batch["input_ids"].size(1) % 8 == 0 and batch["prompt_input_ids"].size(1) % 8 == 0
 
 
 def test_a_template_that_rewrites_history_cannot_learn_every_turn():

@@ -1,0 +1,175 @@
+"""Batching: tokenised rows → padded batches (:class:`Collator`), in an order a checkpoint can resume exactly.
+
+The order depends only on ``(seed, epoch)`` and the loader's position goes into checkpoints, so a run resumed
+mid-epoch sees exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
+
+from qlit.data.batch import IGNORE_INDEX, TOKEN_KEYS, Batch
+
+
+class Collator:
+    """Pads rows to the longest one: right-padded for teacher forcing, prompts left-padded for generation.
+
+    Every further field of a row travels along: ints and floats as tensors (``row_index``, class labels, prices),
+    anything else as a list (``reference``, ``instruction``, gold answers).
+
+    Args:
+        pad_token_id: the tokenizer's padding token.
+        pad_to_multiple_of: pad to a multiple of this (8 helps tensor cores); ``None`` pads to the longest row.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> Batch:
+        pad = self.pad_token_id
+        length = max(len(r["input_ids"]) for r in rows)
+        plength = max(r["prompt_length"] for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length, plength = -(-length // m) * m, -(-plength // m) * m
+        n = len(rows)
+        input_ids = torch.full((n, length), pad, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        prompt_ids = torch.full((n, plength), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((n, plength), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids, k = r["input_ids"], r["prompt_length"]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(ids)] = torch.tensor(r["labels"])
+            attention[i, : len(ids)] = 1
+            if k:
+                prompt_ids[i, plength - k :] = torch.tensor(ids[:k])
+                prompt_mask[i, plength - k :] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "prompt_input_ids": prompt_ids,
+            "prompt_attention_mask": prompt_mask,
+        }
+        for key in rows[0]:
+            if key not in TOKEN_KEYS:
+                values = [r[key] for r in rows]
+                batch[key] = torch.tensor(values) if isinstance(values[0], int | float) else values
+        return batch
+
+
+def data_loader(
+    rows: Any,
+    collator: Collator,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    world_size: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    batches_done: Callable[[], int] | None = None,
+) -> DataLoader:
+    """The loader of one tokenised split.
+
+    Args:
+        rows: the tokenised split (a ``datasets.Dataset`` without a format: rows come as dicts of lists).
+        collator: turns a list of rows into a batch.
+        batch_size: rows per batch.
+        shuffle: train order (seeded per epoch); ``False``: the split's order.
+        seed: seed of the train order.
+        world_size: processes that evaluate together; each evaluation row goes to exactly one of them.
+        rank: this process's rank among them.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        batches_done: returns how many batches of the running training epoch were trained (train loaders only).
+    """
+    sampler: Sampler[int] = EpochSeededSampler(len(rows), seed, shuffle=shuffle)
+    if not shuffle and 1 < world_size <= len(rows):
+        # Lightning's default DistributedSampler repeats rows to even out the ranks, so some would be scored (and
+        # generated for) twice; evaluation needs no equal batch counts, so every row goes to exactly one rank.
+        sampler = UnrepeatedDistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=False)
+    return ResumableDataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        batches_done=batches_done,
+    )
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)``, so a resumed run sees the same order as the original.
+
+    ``RandomSampler`` with a generator carries hidden state from epoch to epoch, which a fresh process after a
+    resume cannot reproduce. Lightning calls :meth:`set_epoch` at every epoch start.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning checkpoints (the ``_Stateful`` protocol).
+
+    A run resumed from a mid-epoch checkpoint continues with the batch after the last one trained, instead of
+    replaying the epoch from its start. The position is read from ``batches_done`` (the trainer's count of
+    processed batches) rather than counted here, because Lightning fetches one batch ahead of training.
+    Skipped batches are fetched and dropped: tokenised rows cost only their padding to skip.
+
+    Args:
+        batches_done: returns how many batches of the current epoch have been trained.
+        *args, **kwargs: the arguments of ``torch.utils.data.DataLoader``.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        iterator = super().__iter__()
+        # A checkpoint taken on an epoch's last batch resumes at the start of the next epoch: nothing to skip.
+        if not skip or skip >= len(self):
+            return iterator
+        return self._skipping(iterator, skip)
+
+    @staticmethod
+    def _skipping(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
+        for index, batch in enumerate(iterator):
+            if index >= skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done() if self.batches_done is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_done", 0))
