@@ -313,7 +313,7 @@ def columns() -> list[str]:
     """Every column a row can have, in table order; :func:`table` drops those no run has."""
     names = list(_IDENTITY)
     for spec in metric_columns():
-        names += [spec.name, spec.name + "_of"] if spec.sources else [spec.name]
+        names += [spec.name, spec.source_column] if spec.sources else [spec.name]
     return names
 
 
@@ -328,7 +328,7 @@ def run_row(run: Run) -> Row:
     for spec in metric_columns():
         if spec.sources:  # the first of the tags the run logged, and which one it was
             found = ((run.value(tag, spec.aggregate), label) for tag, label in spec.sources)
-            row[spec.name], row[spec.name + "_of"] = next(((v, lb) for v, lb in found if v is not None), (None, None))
+            row[spec.name], row[spec.source_column] = next(((v, lb) for v, lb in found if v is not None), (None, None))
             continue
         value = run.value(spec.name, spec.aggregate or "last")
         row[spec.name] = round(value) if spec.integer and value is not None else value

@@ -26,7 +26,8 @@ class MetricSpec:
         main: the one metric a task is judged by (its bar chart in ``qlit compare --plots``).
         integer: a count, shown without decimals.
         sources: for a column that reads one of several tags (``name`` is then the column's, not a tag): the tags
-            and a label for each, the first one the run logged wins and a ``<name>_of`` column gives its label.
+            and a label for each; the first one the run logged wins, and the ``source_column`` gives its label.
+        source_column: the name of that label's column.
     """
 
     name: str
@@ -36,3 +37,4 @@ class MetricSpec:
     main: bool = False
     integer: bool = False
     sources: tuple[tuple[str, str], ...] = ()
+    source_column: str = ""

@@ -17,4 +17,6 @@ def adapter_name(config_class: str | None, options: Mapping[str, Any], adapter_p
     if not config_class:
         return "loaded" if adapter_path else "full"
     # DoRA and rsLoRA are LoraConfig switches; a comparison table must tell them apart.
-    return config_class + "".join("+" + flag.removeprefix("use_") for flag in ("use_dora", "use_rslora") if options.get(flag))
+    return config_class + "".join(
+        "+" + flag.removeprefix("use_") for flag in ("use_dora", "use_rslora") if options.get(flag)
+    )

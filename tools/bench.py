@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qlit.models.shapes import QWEN25
 
+
 def model_dir(name: str, root: str = "/tmp/qlit-bench-models") -> str:
     """Save a random bf16 model of the named shape once; later runs reuse it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -1,11 +1,11 @@
-"""Lightning callbacks that measure a qlit run: GPU memory, throughput and MFU, parameter counts, generation latency
-and wall time.
+"""The Lightning callbacks of a qlit run: the measurements (GPU memory, throughput and MFU, parameter counts,
+generation latency, wall time), the checkpoint on interruption and the predictions writer, one per file.
 
 The qlit CLI turns on every callback of :data:`ALWAYS_ON` in every run, each configurable under its key, which is
 also its file's name (``memory``, ``throughput``, ``params``, ``latency``, ``timing``: e.g.
 ``--throughput.log_every_n_steps 10``); in plain Lightning code add them to the Trainer's ``callbacks``. Each
-declares the metrics it logs (``metric_specs``), which ``qlit compare`` reads for its columns. All log from rank 0; throughput and generation numbers are global, summed or gathered over
-ranks.
+declares the metrics it logs (``metric_specs``), which ``qlit compare`` reads for its columns. All log from rank 0;
+throughput and generation numbers are global, summed or gathered over ranks.
 
 | Metric | Unit | Meaning |
 | --- | --- | --- |

@@ -77,19 +77,22 @@ class InferenceLatencyMonitor(Callback):
         """The batch end of validation, test and predict: record the step's ``generate`` call."""
         if trainer.sanity_checking:
             return
-        gen = outputs.get(GENERATION_KEY) if isinstance(outputs, Mapping) else None
         if trainer.predicting and not (isinstance(outputs, Mapping) and GENERATION_KEY in outputs):
             # A predict step returns its rows (one per input), so QLitModule leaves the timing of its last generate
             # call on the module instead; taken once, so a step that did not generate records nothing.
-            gen = getattr(pl_module, "last_generation", None)
+            outputs = {GENERATION_KEY: getattr(pl_module, "last_generation", None)}
             pl_module.last_generation = None
+        self._record(outputs)
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+
+    def _record(self, outputs: Any) -> None:
+        gen = outputs.get(GENERATION_KEY) if isinstance(outputs, Mapping) else None
         if not isinstance(gen, Mapping):
             return
         seconds, samples = float(gen["seconds"]), int(gen["samples"])
         if samples > 0:
             self._records.append((seconds, samples, int(gen.get("new_tokens", 0))))
-
-    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:

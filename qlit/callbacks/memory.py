@@ -48,6 +48,7 @@ class GPUMemoryMonitor(Callback):
             higher_is_better=False,
             aggregate="max",
             sources=(("gpu/peak_allocated_gib", "gpu allocated"), ("cpu/peak_rss_gib", "cpu rss")),
+            source_column="peak_memory_of",
         ),
     )
 

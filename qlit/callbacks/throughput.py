@@ -54,9 +54,10 @@ class TokenThroughputMonitor(Callback):
     ``train/step_time_sec``, and where the model has a Hugging Face config ``train/model_tflops_per_sec`` and, where
     the device's bf16 peak is known, ``train/mfu``.
 
-    MFU uses :mod:`qlit.callbacks.flops`: per real token, ``4 W`` for a frozen (quantized) base (forward and input gradients),
-    ``+ 2 W`` times the trained share of the base for its weight gradients, ``+ 6`` per adapter parameter, plus
-    attention ``6 × length × d × layers`` with each sequence's real length, against the device's dense bf16 peak.
+    MFU uses :mod:`qlit.callbacks.flops`: per real token, ``4 W`` for a frozen (quantized) base (forward and input
+    gradients), ``+ 2 W`` times the trained share of the base for its weight gradients, ``+ 6`` per adapter
+    parameter, plus attention ``6 × length × d × layers`` with each sequence's real length, against the device's dense
+    bf16 peak.
 
     Args:
         log_every_n_steps: Log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.

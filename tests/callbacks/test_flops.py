@@ -3,8 +3,8 @@
 import pytest
 import transformers
 
-from qlit.models.shapes import QWEN25
 from qlit.callbacks.flops import attention_flops_per_token, flops_per_token, matmul_params, transformer_shape
+from qlit.models.shapes import QWEN25
 
 
 def qwen25_05b_config() -> transformers.Qwen2Config:
