@@ -17,15 +17,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from qlit.callbacks import (
-    GPUMemoryMonitor,
-    InferenceLatencyMonitor,
-    PredictionWriter,
-    TokenThroughputMonitor,
-    TrainableParamsMonitor,
-    TrainingTimeMonitor,
-)
-from qlit.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
+from qlit.callbacks import ALWAYS_ON
+from qlit.checkpointing import AtomicCheckpointIO
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
 from qlit.module import QLitModule
@@ -59,15 +52,10 @@ class QlitCLI(LightningCLI):
         # Always-on callbacks, each configurable under its own key (e.g. --checkpoint.every_n_train_steps 50).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
-        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
-        # The measurements of a quantization study, on in every run (README: "What is logged").
-        parser.add_lightning_class_args(GPUMemoryMonitor, "memory")
-        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
-        parser.add_lightning_class_args(TrainableParamsMonitor, "params")
-        parser.add_lightning_class_args(InferenceLatencyMonitor, "latency")
-        parser.add_lightning_class_args(TrainingTimeMonitor, "timing")
-        # `qlit predict` writes predictions.jsonl in the run directory (acts in predict only).
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # qlit's own: the interrupt checkpoint, the measurements of a quantization study (README: "What is logged")
+        # and the predictions writer.
+        for key, callback in ALWAYS_ON.items():
+            parser.add_lightning_class_args(callback, key)
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 

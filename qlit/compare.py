@@ -3,8 +3,10 @@
 The point of qlit is comparing techniques side by side (full fine-tuning, LoRA on an fp32, 8-bit or 4-bit base,
 BitNet, the peft methods), and every run already logs what such a comparison needs (README, "What is logged").
 This module reads it back: one row per run as Markdown or CSV, and PNG plots of the loss curves and of the costs.
+The columns come from what the always-on callbacks (:data:`qlit.callbacks.ALWAYS_ON`) and the tasks
+(:attr:`qlit.tasks.Task.metric_specs`) declare they log.
 
-    python tools/compare.py logs/ --sort val/loss --csv study.csv --plots study_plots/
+    qlit compare logs/ --sort val/loss --csv study.csv --plots study_plots/
 """
 
 from __future__ import annotations
@@ -17,60 +19,32 @@ import re
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from qlit.errors import QlitError
+from qlit.metrics import Aggregate, MetricSpec
+from qlit.naming import adapter_name
 from qlit.paths import QLIT_BASE_FILE
 
 EVENTS_PREFIX = "events.out.tfevents."
 
 Row = dict[str, Any]
 
-#: Validation metrics of the tasks (README, "What is logged"), in the order the table shows them.
-TASK_METRICS = (
-    "val/accuracy",
-    "val/exact_match",
-    "val/f1",
-    "val/bleu",
-    "val/price_mae",
-    "val/price_rmsle",
-    "val/price_hit_rate",
+#: The identity columns of a row, first in the table.
+_IDENTITY = ("run", "model", "quantization", "adapter")
+
+#: What the module logs for every task, shown after the costs and before the task's own metrics.
+_LM_METRICS = (
+    MetricSpec("train/loss", "nats/token", higher_is_better=False),
+    MetricSpec("val/loss", "nats/token", higher_is_better=False),
+    MetricSpec("val/perplexity", "", higher_is_better=False),
 )
 
-#: The one metric a task is judged by, first match wins: a run's bar chart of "its" task metric uses it.
-MAIN_TASK_METRICS = ("val/accuracy", "val/f1", "val/bleu", "val/price_mae")
-
-#: The last-value columns after the costs, in table order.
-_FINAL_METRICS = (
-    "train/loss",
-    "val/loss",
-    "val/perplexity",
-    *TASK_METRICS,
-    "val/latency_ms_mean",
-    "predict/latency_ms_mean",
-)
-
-#: Every column a row can have, in table order; columns no run has are dropped from the table.
-COLUMNS = (
-    "run",
-    "model",
-    "quantization",
-    "adapter",
-    "params/trainable_ratio",
-    "params/trainable",
-    "params/weight_gib",
-    "peak_memory_gib",  # max of gpu/peak_allocated_gib, or of cpu/peak_rss_gib on a run without CUDA
-    "peak_memory_of",  # which of the two: "gpu allocated" or "cpu rss"
-    "time/fit_seconds",
-    "train/tokens_per_sec",  # median over the run: the first steps (warm-up, compilation) do not skew it
-    *_FINAL_METRICS,
-)
-
-_LOWER_IS_BETTER = {"val/price_mae", "val/price_rmsle"}
+_STAGE_PREFIXES = ("val/", "test/", "predict/")
 
 # Scalars in full (0 = keep all): by default EventAccumulator keeps a random sample of 10,000 per tag, which would
 # make a long run's peak and median approximate. Other kinds barely at all: the comparison never reads them.
@@ -113,24 +87,17 @@ class Run:
         points = sorted(self.scalars.get(tag, []), key=lambda p: p[0])
         return [s for s, _ in points], [v for _, v in points]
 
-    def param(self, tag: str) -> float | None:
-        """A ``params/*`` number, from the hyperparameters where recorded there.
+    def value(self, tag: str, aggregate: Aggregate = "last") -> float | None:
+        """One number for ``tag``: the hyperparameter of that name where recorded, else the series' ``last``,
+        ``max`` or ``median`` value; ``None`` where the run has neither.
 
         TensorBoard stores scalars as float32, exact only up to 2**24 (16.7 M parameters), while the hparams table
-        keeps float64: so the hyperparameter wins and the scalar is the fallback.
+        keeps float64: so the hyperparameter (``params/*``) wins and the scalar is the fallback.
         """
-        value = self.hparams.get(tag)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        return self.last(tag)
-
-    def peak_memory(self) -> tuple[float | None, str | None]:
-        """``(GiB, source)``: the peak GPU memory allocated, or the peak CPU RSS of a run without CUDA."""
-        gpu = self.maximum("gpu/peak_allocated_gib")
-        if gpu is not None:
-            return gpu, "gpu allocated"
-        cpu = self.maximum("cpu/peak_rss_gib")
-        return (cpu, "cpu rss") if cpu is not None else (None, None)
+        recorded = self.hparams.get(tag)
+        if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+            return float(recorded)
+        return {"last": self.last, "max": self.maximum, "median": self.median}[aggregate](tag)
 
 
 # ----- finding and reading runs ---------------------------------------------------------------------------------------
@@ -268,14 +235,11 @@ def _config_hparams(run_dir: Path) -> dict[str, Any]:
         return {}
     quantization = init.get("quantization")
     adapter = init.get("adapter")
-    if isinstance(adapter, dict):
-        # As QLitModule.study_hparams names it: DoRA and rsLoRA are LoraConfig switches a table must tell apart.
-        args = adapter.get("init_args") or {}
-        name = str(adapter.get("class_path", "")).rsplit(".", 1)[-1] or None
-        if name:
-            name += "".join("+" + f.removeprefix("use_") for f in ("use_dora", "use_rslora") if args.get(f))
+    if isinstance(adapter, dict):  # named as QLitModule.study_hparams names it
+        config_class = str(adapter.get("class_path", "")).rsplit(".", 1)[-1]
+        name = adapter_name(config_class, adapter.get("init_args") or {}, None) if config_class else None
     elif "adapter" in init:
-        name = "loaded" if init.get("adapter_path") else "full"
+        name = adapter_name(None, {}, init.get("adapter_path"))
     else:
         name = None
     return {
@@ -315,24 +279,59 @@ def _unique_names(dirs: list[Path]) -> list[str]:
 
 
 # ----- the table ------------------------------------------------------------------------------------------------------
+def metric_columns() -> list[MetricSpec]:
+    """The metric columns in table order, as the plug-ins declare them.
+
+    First the costs the always-on callbacks log (in :data:`qlit.callbacks.ALWAYS_ON` order), then the loss the module
+    logs for every task, the tasks' validation metrics (every :class:`~qlit.tasks.Task` subclass, as ``val/<name>``),
+    and last the callbacks' evaluation metrics (``val/``, ``test/``, ``predict/``).
+    """
+    from qlit.callbacks import ALWAYS_ON
+
+    declared = [spec for cls in ALWAYS_ON.values() for spec in getattr(cls, "metric_specs", ()) if spec.aggregate]
+    costs = [spec for spec in declared if not spec.name.startswith(_STAGE_PREFIXES)]
+    evaluation = [spec for spec in declared if spec.name.startswith(_STAGE_PREFIXES)]
+    return [*costs, *_LM_METRICS, *task_metrics(), *evaluation]
+
+
+def task_metrics() -> list[MetricSpec]:
+    """The validation metrics every task declares (``val/<name>``), each once, in the order the classes define them."""
+    from qlit.tasks import Task
+
+    specs: dict[str, MetricSpec] = {}
+    pending = list(Task.__subclasses__())
+    while pending:  # depth first, so a subclass's metrics follow its parent's
+        cls = pending.pop(0)
+        pending[:0] = cls.__subclasses__()
+        for spec in vars(cls).get("metric_specs", ()):
+            if spec.aggregate:
+                specs.setdefault(spec.name, replace(spec, name="val/" + spec.name))
+    return list(specs.values())
+
+
+def columns() -> list[str]:
+    """Every column a row can have, in table order; :func:`table` drops those no run has."""
+    names = list(_IDENTITY)
+    for spec in metric_columns():
+        names += [spec.name, spec.source_column] if spec.sources else [spec.name]
+    return names
+
+
 def run_row(run: Run) -> Row:
-    """The table row of one run: every column of :data:`COLUMNS`, ``None`` where the run did not log it."""
-    peak, peak_of = run.peak_memory()
-    trainable = run.param("params/trainable")
+    """The table row of one run: every column of :func:`columns`, ``None`` where the run did not log it."""
     row: Row = {
         "run": run.name,
         "model": run.hparams.get("pretrained"),
         "quantization": run.hparams.get("quantization"),
         "adapter": run.hparams.get("adapter"),
-        "params/trainable_ratio": run.param("params/trainable_ratio"),
-        "params/trainable": round(trainable) if trainable is not None else None,
-        "params/weight_gib": run.param("params/weight_gib"),
-        "peak_memory_gib": peak,
-        "peak_memory_of": peak_of,
-        "time/fit_seconds": run.last("time/fit_seconds"),
-        "train/tokens_per_sec": run.median("train/tokens_per_sec"),
     }
-    row.update({tag: run.last(tag) for tag in _FINAL_METRICS})
+    for spec in metric_columns():
+        if spec.sources:  # the first of the tags the run logged, and which one it was
+            found = ((run.value(tag, spec.aggregate), label) for tag, label in spec.sources)
+            row[spec.name], row[spec.source_column] = next(((v, lb) for v, lb in found if v is not None), (None, None))
+            continue
+        value = run.value(spec.name, spec.aggregate or "last")
+        row[spec.name] = round(value) if spec.integer and value is not None else value
     return row
 
 
@@ -349,7 +348,7 @@ def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False
         QlitError: ``sort`` names a column that no run has.
     """
     rows = [run_row(run) for run in runs]
-    present = [c for c in COLUMNS if c == "run" or any(row[c] is not None for row in rows)]
+    present = [c for c in columns() if c == "run" or any(row[c] is not None for row in rows)]
     if sort is not None:
         if sort not in present:
             raise QlitError(f"Cannot sort by '{sort}', which no run has: use one of {', '.join(present)}.")
@@ -413,7 +412,7 @@ def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     ``loss.png``: the train and validation loss curves of every run (x = step). Bar charts, one bar per run that
     logged the value: ``peak_memory.png``, ``fit_time.png``, ``trainable_ratio.png`` (log scale where the ratios
     span more than two decades, as full fine-tuning against prompt tuning does), and one ``val_<metric>.png`` per
-    main task metric (:data:`MAIN_TASK_METRICS`) that some run is judged by.
+    main task metric (a :class:`~qlit.metrics.MetricSpec` with ``main``) that some run is judged by.
 
     Returns:
         The files written.
@@ -434,11 +433,13 @@ def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         ("fit_time.png", "time/fit_seconds", "training time (s): time/fit_seconds", False, rows),
         ("trainable_ratio.png", "params/trainable_ratio", "trainable / total parameters", True, rows),
     ]
-    for metric in MAIN_TASK_METRICS:
-        better = "lower" if metric in _LOWER_IS_BETTER else "higher"
+    main = [spec for spec in task_metrics() if spec.main]
+    for spec in main:
+        better = "lower" if spec.higher_is_better is False else "higher"
         # Each run's main metric only: an SST-2 run is judged by accuracy, a SQuAD run by F1, never both.
-        judged = [r for r in rows if _main_metric(r) == metric]
-        bars.append((metric.replace("/", "_") + ".png", metric, f"{metric}, final ({better} is better)", False, judged))
+        judged = [r for r in rows if _main_metric(r, main) == spec.name]
+        label = f"{spec.name}, final ({better} is better)"
+        bars.append((spec.name.replace("/", "_") + ".png", spec.name, label, False, judged))
     for filename, column, label, log_if_wide, candidates in bars:
         shown = [r for r in candidates if r[column] is not None]
         if shown:
@@ -446,8 +447,8 @@ def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def _main_metric(row: Row) -> str | None:
-    return next((m for m in MAIN_TASK_METRICS if row.get(m) is not None), None)
+def _main_metric(row: Row, main: Sequence[MetricSpec]) -> str | None:
+    return next((spec.name for spec in main if row.get(spec.name) is not None), None)
 
 
 def _loss_plot(figure: Any, runs: Sequence[Run], colors: dict[str, str], path: Path) -> Path:

@@ -22,6 +22,7 @@ from qlit.errors import QlitError
 from qlit.models.adapters import check_adapter
 from qlit.models.loading import load_causal_lm
 from qlit.models.quantization import Quantization
+from qlit.naming import adapter_name
 from qlit.optim import WarmupCosineLR
 from qlit.paths import QLIT_BASE_FILE
 from qlit.tasks import Task
@@ -118,32 +119,25 @@ class QLitModule(pl.LightningModule):
         return self.adapter is not None or self.adapter_path is not None
 
     def study_hparams(self) -> dict[str, Any]:
-        """The columns a quantization study compares runs by (TensorBoard's hparams table)."""
+        """The columns a quantization study compares runs by (TensorBoard's hparams table).
+
+        The ``params`` callback writes them, with its counts, in the run's one hyperparameter record. Not
+        save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored in
+        checkpoints would be re-applied to the model's arguments when resuming with --ckpt_path.
+        """
         q = self.quantization
         return {
             "pretrained": self.pretrained,
             "quantization": q.mode,
             "compute_dtype": q.compute_dtype if q.is_quantized else self.dtype_name,
             "double_quant": bool(q.double_quant if q.double_quant is not None else q.is_4bit),
-            "adapter": self._adapter_name(),
+            "adapter": adapter_name(
+                type(self.adapter).__name__ if self.adapter is not None else None,
+                vars(self.adapter) if self.adapter is not None else {},
+                self.adapter_path,
+            ),
             "gradient_checkpointing": self.gradient_checkpointing,
         }
-
-    def _adapter_name(self) -> str:
-        if self.adapter is None:
-            return "loaded" if self.adapter_path else "full"
-        name = type(self.adapter).__name__
-        # DoRA and rsLoRA are LoraConfig switches; a comparison table must tell them apart.
-        for flag in ("use_dora", "use_rslora"):
-            if getattr(self.adapter, flag, False):
-                name += "+" + flag.removeprefix("use_")
-        return name
-
-    def on_fit_start(self) -> None:
-        # Not save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored
-        # in checkpoints would be re-applied to the model's arguments when resuming with --ckpt_path.
-        for logger in self.loggers:
-            logger.log_hyperparams(self.study_hparams())
 
     # ----- building the model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:

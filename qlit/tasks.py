@@ -29,6 +29,7 @@ from torchmetrics.text import SacreBLEUScore
 from torchmetrics.text import SQuAD as SQuADMetric
 
 from qlit.errors import QlitError
+from qlit.metrics import MetricSpec
 
 # Generates greedy continuations for the prompts of a batch and returns their decoded text.
 GenerateFn = Callable[[dict[str, Any]], list[str]]
@@ -41,6 +42,9 @@ class Task:
     needs_generation: bool = False
     #: How many rows of each evaluation pass are generated for (rows with ``row_index`` below it); ``None``: all.
     max_generate_rows: int | None = None
+    #: The metrics :meth:`metrics` computes, as logged after the ``val/`` or ``test/`` prefix: what ``qlit compare``
+    #: shows. Declared on the class, so that a comparison reads them without building a task.
+    metric_specs: tuple[MetricSpec, ...] = ()
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({})
@@ -69,6 +73,8 @@ class LabelWordTask(Task):
         first_token_ids: the first token id of each class's answer as the DataModule tokenises it; they
             must differ, or the classes could not be told apart from one token.
     """
+
+    metric_specs = (MetricSpec("accuracy", "ratio", higher_is_better=True, main=True),)
 
     def __init__(self, label_words: Sequence[str], first_token_ids: Sequence[int]) -> None:
         if len(set(first_token_ids)) != len(first_token_ids):
@@ -104,11 +110,6 @@ class LabelWordTask(Task):
             return labels[words[0]]
         named = {labels[w] for w in words if w in labels}
         return named.pop() if len(named) == 1 else None
-
-    def class_index(self, generation: str) -> int:
-        """Index of the class :meth:`parse` finds, or -1 when the generation names none."""
-        word = self.parse(generation)
-        return self.label_words.index(word) if word is not None else -1
 
 
 class GenerationTask(Task):
@@ -169,6 +170,11 @@ class SQuADTask(GenerationTask):
     ``squad_id`` and ``gold_answers`` (every gold answer text of the row).
     """
 
+    metric_specs = (
+        MetricSpec("exact_match", "%", higher_is_better=True),
+        MetricSpec("f1", "%", higher_is_better=True, main=True),
+    )
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({"squad": SQuADMetric()})
 
@@ -187,6 +193,22 @@ class SQuADTask(GenerationTask):
             gold = list(batch["gold_answers"][i])
             target.append({"answers": {"text": gold, "answer_start": [0] * len(gold)}, "id": str(i)})
         metrics["squad"].update(preds, target)
+
+
+class BLEUTask(GenerationTask):
+    """Corpus BLEU of the generations against the references (SacreBLEU's 13a tokenisation, 0-1).
+
+    Args:
+        text_samples: how many generations are logged as text per pass.
+    """
+
+    metric_specs = (MetricSpec("bleu", "ratio", higher_is_better=True, main=True),)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"bleu": SacreBLEUScore(tokenize="13a")})
+
+    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
+        metrics["bleu"].update([self.parse(t) for t in texts], [[str(batch["reference"][i]).strip()] for i in rows])
 
 
 def parse_price(text: str) -> float | None:
@@ -222,6 +244,13 @@ class PriceTask(GenerationTask):
         text_samples: how many generations are logged as text per pass.
     """
 
+    metric_specs = (
+        MetricSpec("price_mae", "$", higher_is_better=False, main=True),
+        MetricSpec("price_rmsle", "log", higher_is_better=False),
+        MetricSpec("price_hit_rate", "ratio", higher_is_better=True),
+        MetricSpec("price_unparsed", "count", higher_is_better=False, aggregate=None, integer=True),
+    )
+
     def __init__(self, hit_dollars: float = 40.0, hit_fraction: float = 0.2, text_samples: int = 4) -> None:
         super().__init__(text_samples)
         self.hit_dollars = hit_dollars
@@ -252,20 +281,6 @@ class PriceTask(GenerationTask):
         metrics["price_rmsle"].update(guess[parsed].clamp(min=0), truth[parsed].clamp(min=0))
         metrics["price_hit_rate"].update(hit.float())
         metrics["price_unparsed"].update((~parsed).sum().float())
-
-
-class BLEUTask(GenerationTask):
-    """Corpus BLEU of the generations against the references (SacreBLEU's 13a tokenisation, 0-1).
-
-    Args:
-        text_samples: how many generations are logged as text per pass.
-    """
-
-    def metrics(self) -> MetricCollection:
-        return MetricCollection({"bleu": SacreBLEUScore(tokenize="13a")})
-
-    def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
-        metrics["bleu"].update([self.parse(t) for t in texts], [[str(batch["reference"][i]).strip()] for i in rows])
 
 
 def format_samples(samples: Sequence[tuple[str, str, str]]) -> str:

@@ -13,7 +13,7 @@ from helpers import ROOT, run_cli, scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from qlit.callbacks.trainable_ratio import TrainableParamsMonitor
+from qlit.callbacks.params import TrainableParamsMonitor
 from qlit.compare import collect_runs, main, plot, table, to_csv, to_markdown
 from qlit.errors import QlitError
 

@@ -136,7 +136,9 @@ def test_accuracy_of_generated_label_words_with_other_casing_and_trailing_text()
     task = LabelWordTask(["negative", "positive"], [5, 7])
     generations = ["Positive!", "negative, clearly", "POSITIVE", "I cannot tell", "Negative."]
     labels = torch.tensor([1, 0, 0, 1, 0])
-    predicted = torch.tensor([task.class_index(g) for g in generations])
+    words = [task.parse(g) for g in generations]
+    assert words == ["positive", "negative", "positive", None, "negative"]
+    predicted = torch.tensor([task.label_words.index(w) if w is not None else -1 for w in words])
     assert predicted.tolist() == [1, 0, 1, -1, 0]
     # An answer that names no class is wrong: it is scored as an index that no label has.
     accuracy = MulticlassAccuracy(num_classes=3, average="micro")(predicted.where(predicted >= 0, 2), labels)

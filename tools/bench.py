@@ -28,35 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-SHAPES = {
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
-}
+from qlit.models.shapes import QWEN25
 
 
 def model_dir(name: str, root: str = "/tmp/qlit-bench-models") -> str:
@@ -65,7 +37,7 @@ def model_dir(name: str, root: str = "/tmp/qlit-bench-models") -> str:
 
     path = os.path.join(root, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        config = Qwen2Config(max_position_embeddings=4096, **SHAPES[name])
+        config = Qwen2Config(max_position_embeddings=4096, **QWEN25[name])
         with torch.device("cuda"):
             model = Qwen2ForCausalLM(config).to(torch.bfloat16)
         model.save_pretrained(path)
@@ -127,14 +99,8 @@ def run(
 ) -> dict[str, Any]:
     from peft import LoraConfig
 
-    from qlit.callbacks import (
-        GPUMemoryMonitor,
-        InferenceLatencyMonitor,
-        TokenThroughputMonitor,
-        TrainableParamsMonitor,
-        TrainingTimeMonitor,
-    )
-    from qlit.flops import flops_per_token
+    from qlit.callbacks import ALWAYS_ON
+    from qlit.callbacks.flops import flops_per_token
     from qlit.models.quantization import Quantization
     from qlit.module import QLitModule
 
@@ -151,13 +117,7 @@ def run(
         save_adapter=False,
     )
     timer = StepTimer(warmup)
-    available = {
-        "memory": GPUMemoryMonitor,
-        "throughput": TokenThroughputMonitor,
-        "params": TrainableParamsMonitor,
-        "latency": InferenceLatencyMonitor,
-        "timing": TrainingTimeMonitor,
-    }
+    available = {key: cls for key, cls in ALWAYS_ON.items() if key not in ("interrupt", "predictions")}
     chosen = list(available) if callbacks is True else list(callbacks or [])
     extra = [available[name]() for name in chosen]
     trainer = pl.Trainer(
@@ -175,7 +135,7 @@ def run(
         log_every_n_steps=10,
     )
     data = DataLoader(
-        RandomTokens(bs * (steps + warmup), seq, SHAPES[model]["vocab_size"]),
+        RandomTokens(bs * (steps + warmup), seq, QWEN25[model]["vocab_size"]),
         batch_size=bs,
         num_workers=2,
         pin_memory=True,

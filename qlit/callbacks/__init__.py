@@ -1,10 +1,11 @@
-"""Lightning callbacks that measure a qlit run: GPU memory, throughput and MFU, parameter counts, generation latency
-and wall time.
+"""The Lightning callbacks of a qlit run: the measurements (GPU memory, throughput and MFU, parameter counts,
+generation latency, wall time), the checkpoint on interruption and the predictions writer, one per file.
 
-The qlit CLI turns each on in every run, configurable under its own key (``memory``, ``throughput``, ``params``,
-``latency``, ``timing``: e.g. ``--throughput.log_every_n_steps 10``); in plain Lightning code add them to the
-Trainer's ``callbacks``. All log from rank 0; throughput and generation numbers are global, summed or gathered over
-ranks.
+The qlit CLI turns on every callback of :data:`ALWAYS_ON` in every run, each configurable under its key, which is
+also its file's name (``memory``, ``throughput``, ``params``, ``latency``, ``timing``: e.g.
+``--throughput.log_every_n_steps 10``); in plain Lightning code add them to the Trainer's ``callbacks``. Each
+declares the metrics it logs (``metric_specs``), which ``qlit compare`` reads for its columns. All log from rank 0;
+throughput and generation numbers are global, summed or gathered over ranks.
 
 | Metric | Unit | Meaning |
 | --- | --- | --- |
@@ -18,7 +19,7 @@ ranks.
 | `train/padding_fraction` | ratio | share of processed positions that are padding |
 | `train/samples_per_sec` | samples/s | sequences trained per second, all devices |
 | `train/step_time_sec` | s | wall time of one optimizer step (all its accumulated micro-batches), validation excluded |
-| `train/model_tflops_per_sec` | TFLOP/s | analytic model FLOPs per second (`qlit.flops`), all devices |
+| `train/model_tflops_per_sec` | TFLOP/s | analytic model FLOPs per second (`qlit.callbacks.flops`), all devices |
 | `train/mfu` | ratio | model FLOP utilisation: `train/model_tflops_per_sec` over the devices' dense bf16 peak |
 | `params/trainable` | parameters | trainable parameters (also in the hyperparameter table) |
 | `params/total` | parameters | all parameters, a 4-bit weight counted at its logical size, as peft counts |
@@ -40,16 +41,33 @@ ranks.
 | `time/fit_seconds` | s | wall time of the whole fit |
 """
 
-from qlit.callbacks.gpu_memory import GPUMemoryMonitor
-from qlit.callbacks.inference_latency import InferenceLatencyMonitor
-from qlit.callbacks.prediction_writer import PredictionWriter
+from lightning.pytorch import Callback
+
+from qlit.callbacks.interrupt import InterruptCheckpoint
+from qlit.callbacks.latency import InferenceLatencyMonitor
+from qlit.callbacks.memory import GPUMemoryMonitor
+from qlit.callbacks.params import TrainableParamsMonitor
+from qlit.callbacks.predictions import PredictionWriter
 from qlit.callbacks.throughput import TokenThroughputMonitor
-from qlit.callbacks.trainable_ratio import TrainableParamsMonitor
-from qlit.callbacks.training_time import TrainingTimeMonitor
+from qlit.callbacks.timing import TrainingTimeMonitor
+
+#: The callbacks of every ``qlit`` run, by CLI key, in the order the Trainer calls them (the ``params`` callback
+#: first: ``qlit compare`` shows the declared columns in this order). Adding one: its file, and a line here.
+ALWAYS_ON: dict[str, type[Callback]] = {
+    "interrupt": InterruptCheckpoint,  # a checkpoint on SIGTERM or Ctrl+C
+    "params": TrainableParamsMonitor,
+    "memory": GPUMemoryMonitor,
+    "throughput": TokenThroughputMonitor,
+    "latency": InferenceLatencyMonitor,
+    "timing": TrainingTimeMonitor,
+    "predictions": PredictionWriter,  # `qlit predict` writes predictions.jsonl in the run directory
+}
 
 __all__ = [
+    "ALWAYS_ON",
     "GPUMemoryMonitor",
     "InferenceLatencyMonitor",
+    "InterruptCheckpoint",
     "PredictionWriter",
     "TokenThroughputMonitor",
     "TrainableParamsMonitor",

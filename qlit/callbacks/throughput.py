@@ -11,8 +11,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from qlit.callbacks._common import log_to_loggers, optimizer_step_done, synchronize, wrapped_model
-from qlit.callbacks.trainable_ratio import count_parameters
-from qlit.flops import attention_flops_per_token, transformer_shape, weight_flops_per_token
+from qlit.callbacks.flops import attention_flops_per_token, transformer_shape, weight_flops_per_token
+from qlit.callbacks.params import count_parameters
+from qlit.metrics import MetricSpec
 
 # Dense (no sparsity) bf16 tensor-core peaks per GPU from NVIDIA's H100/H200 datasheets. Lightning's table misses the
 # plain "NVIDIA H200" name, and its H200 and H100 NVL rows are not per-GPU dense figures (2:4-sparse, or an NVL pair),
@@ -53,9 +54,10 @@ class TokenThroughputMonitor(Callback):
     ``train/step_time_sec``, and where the model has a Hugging Face config ``train/model_tflops_per_sec`` and, where
     the device's bf16 peak is known, ``train/mfu``.
 
-    MFU uses :mod:`qlit.flops`: per real token, ``4 W`` for a frozen (quantized) base (forward and input gradients),
-    ``+ 2 W`` times the trained share of the base for its weight gradients, ``+ 6`` per adapter parameter, plus
-    attention ``6 × length × d × layers`` with each sequence's real length, against the device's dense bf16 peak.
+    MFU uses :mod:`qlit.callbacks.flops`: per real token, ``4 W`` for a frozen (quantized) base (forward and input
+    gradients), ``+ 2 W`` times the trained share of the base for its weight gradients, ``+ 6`` per adapter
+    parameter, plus attention ``6 × length × d × layers`` with each sequence's real length, against the device's dense
+    bf16 peak.
 
     Args:
         log_every_n_steps: Log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
@@ -65,6 +67,17 @@ class TokenThroughputMonitor(Callback):
         full_finetune: Whether the base weights are trained; ``None`` decides from the model: a peft model trains
             only its adapters, otherwise the trainable share of the parameters is used.
     """
+
+    metric_specs = (
+        # The median over the run: the first steps (warm-up, compilation) do not skew it.
+        MetricSpec("train/tokens_per_sec", "tokens/s", higher_is_better=True, aggregate="median"),
+        MetricSpec("train/padded_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("train/padding_fraction", "ratio", higher_is_better=False, aggregate=None),
+        MetricSpec("train/samples_per_sec", "samples/s", higher_is_better=True, aggregate=None),
+        MetricSpec("train/step_time_sec", "s", higher_is_better=False, aggregate=None),
+        MetricSpec("train/model_tflops_per_sec", "TFLOP/s", higher_is_better=True, aggregate=None),
+        MetricSpec("train/mfu", "ratio", higher_is_better=True, aggregate=None),
+    )
 
     def __init__(
         self,
@@ -99,7 +112,6 @@ class TokenThroughputMonitor(Callback):
         self._interval_step = 0
         self._last_step = 0
         self._warned_batch = False
-        self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -230,7 +242,6 @@ class TokenThroughputMonitor(Callback):
             metrics["train/model_tflops_per_sec"] = flops_per_sec / 1e12
             if self._peak:
                 metrics["train/mfu"] = flops_per_sec / (self._peak * trainer.world_size)
-        self.last_metrics = metrics
         log_to_loggers(trainer, metrics)
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from qlit.errors import QlitError
+from qlit.io import atomic_dir
+from qlit.models.shapes import TINY_DECODER, TINY_GPT2
+from qlit.paths import SAMPLES_DIR, cache_root
 
 TINY_PREFIX = "qlit-tiny/"
 _BUILDER_VERSION = "1"
@@ -29,28 +29,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Shapes are the smallest that keep every architectural feature: grouped-query attention (4 heads, 2 KV heads),
-# a gated MLP, and weight sizes that are multiples of bitsandbytes' 64-element quantization block.
-# initializer_range 0.2 instead of 0.02: with a 64-wide hidden state behind a frozen RMSNorm, 0.02 caps every
-# logit near 1.3, so an adapter could never make the model confident; real models' trained heads have no cap.
-_DECODER = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    initializer_range=0.2,
-)
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "qwen2": {"config_class": "Qwen2Config", "chat": True, "config": _DECODER},
-    "llama": {"config_class": "LlamaConfig", "chat": True, "config": _DECODER},
-    "gpt2": {
-        "config_class": "GPT2Config",
-        "chat": False,
-        "config": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2),
-    },
+    "qwen2": {"config_class": "Qwen2Config", "chat": True, "config": TINY_DECODER},
+    "llama": {"config_class": "LlamaConfig", "chat": True, "config": TINY_DECODER},
+    "gpt2": {"config_class": "GPT2Config", "chat": False, "config": TINY_GPT2},
 }
 
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -66,16 +48,10 @@ def is_tiny(name: str) -> bool:
     return name.startswith(TINY_PREFIX)
 
 
-def cache_root() -> Path:
-    """Where qlit keeps built tiny models and tokenised datasets (``QLIT_CACHE`` overrides)."""
-    return Path(os.environ.get("QLIT_CACHE", Path.home() / ".cache" / "qlit"))
-
-
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: every string in the bundled samples, in a fixed order."""
-    samples = Path(__file__).resolve().parent.parent / "data" / "samples"
     lines: list[str] = []
-    for path in sorted(samples.rglob("*.jsonl")):
+    for path in sorted(SAMPLES_DIR.rglob("*.jsonl")):
         for raw in path.read_text(encoding="utf-8").splitlines():
             if raw.strip():
                 lines.extend(_strings(json.loads(raw)))
@@ -111,19 +87,9 @@ def resolve_tiny(name: str) -> str:
         )
     corpus = _corpus()
     target = cache_root() / "tiny" / f"{arch}-{_fingerprint(arch, corpus)}"
-    if (target / "config.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=target.parent))
-    try:
-        build_tiny(arch, tmp, corpus)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first: theirs is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        with atomic_dir(target, replace=False) as staging:  # two processes building it: the first one wins
+            build_tiny(arch, staging, corpus)
     return str(target)
 
 

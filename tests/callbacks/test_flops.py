@@ -3,19 +3,12 @@
 import pytest
 import transformers
 
-from qlit.flops import attention_flops_per_token, flops_per_token, matmul_params, transformer_shape
+from qlit.callbacks.flops import attention_flops_per_token, flops_per_token, matmul_params, transformer_shape
+from qlit.models.shapes import QWEN25
 
 
 def qwen25_05b_config() -> transformers.Qwen2Config:
-    return transformers.Qwen2Config(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    )
+    return transformers.Qwen2Config(**QWEN25["qwen2.5-0.5b"])
 
 
 def test_qwen25_05b_lora_and_full_finetune_match_hand_calculation():

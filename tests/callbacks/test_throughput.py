@@ -10,7 +10,7 @@ from tiny_lm import BATCH, LENGTHS, SEQ, TINY_QWEN2, FakeClock, RecordingLogger,
 
 import qlit.callbacks.throughput as throughput
 from qlit.callbacks import TokenThroughputMonitor
-from qlit.flops import matmul_params
+from qlit.callbacks.flops import matmul_params
 
 
 @pytest.fixture

@@ -11,16 +11,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
+from qlit.models.shapes import TINY_DECODER
+
 transformers.logging.set_verbosity_error()
 
-TINY_QWEN2 = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
+TINY_QWEN2 = dict(TINY_DECODER, vocab_size=128)
 BATCH, SEQ, NEW_TOKENS = 2, 8, 3
 # Real lengths of the two sequences of consecutive batches (the rest is right padding); the cycle repeats.
 LENGTHS = [(8, 5), (6, 3), (8, 7), (4, 2)]

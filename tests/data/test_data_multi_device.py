@@ -11,7 +11,7 @@ from data_helpers import read_jsonl
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from qlit.callbacks.prediction_writer import PredictionWriter
+from qlit.callbacks.predictions import PredictionWriter
 from qlit.data import SQuADDataModule
 from qlit.module import QLitModule
 from qlit.tasks import SQuADTask

@@ -7,7 +7,7 @@ import json
 from data_helpers import read_jsonl, sample_rows
 from helpers import ROOT, cli_args, run_main
 
-from qlit.callbacks.prediction_writer import merge_rows, rows_of_batch
+from qlit.callbacks.predictions import merge_rows, rows_of_batch
 
 SMALL = [
     "--data.init_args.limit_test_samples", "5", "--data.init_args.limit_val_samples", "5",
@@ -17,7 +17,7 @@ SMALL = [
 
 def _writer_config(tmp_path, **init_args) -> str:
     extra = tmp_path / "writer.yaml"
-    callback = {"class_path": "qlit.callbacks.prediction_writer.PredictionWriter", "init_args": init_args}
+    callback = {"class_path": "qlit.callbacks.predictions.PredictionWriter", "init_args": init_args}
     extra.write_text(json.dumps({"trainer": {"callbacks": [callback]}}))
     return str(extra)
 

@@ -13,6 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from qlit.distributed import gather_objects
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes one JSON line per predicted row: ``row_index``, ``instruction``, ``prompt``, ``generation``,
@@ -66,7 +68,7 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Every rank takes part in the path broadcast (trainer.log_dir) and the gather; only rank 0 writes.
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
-        rows = merge_rows(_gather(self._rows, trainer.world_size))
+        rows = merge_rows(gather_objects(self._rows, trainer.world_size))
         self._rows = []
         if not trainer.is_global_zero:
             return
@@ -128,14 +130,6 @@ def write_alpaca_eval(path: Path, rows: Iterable[Mapping[str, Any]], generator: 
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(outputs, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
-def _gather(rows: list[dict[str, Any]], world_size: int) -> list[list[dict[str, Any]]]:
-    if world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [rows]
-    gathered: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, rows)
-    return gathered
 
 
 def _plain(value: Any) -> Any:

@@ -3,13 +3,13 @@
 import pytest
 from tiny_lm import FakeClock, RecordingLogger, TinyLM, cpu_trainer, loader
 
-import qlit.callbacks.training_time as training_time
+import qlit.callbacks.timing as timing
 from qlit.callbacks import TrainingTimeMonitor
 
 
 def test_setup_first_step_and_fit_seconds(monkeypatch: pytest.MonkeyPatch):
     clock = FakeClock()
-    monkeypatch.setattr(training_time, "perf_counter", clock)
+    monkeypatch.setattr(timing, "perf_counter", clock)
     logger = RecordingLogger()
     trainer = cpu_trainer(max_steps=3, accumulate_grad_batches=2, logger=logger, callbacks=[TrainingTimeMonitor()])
     # configure_model (the model load) takes 3 s, each micro-batch 0.5 s: the first step ends after two of them.

@@ -7,7 +7,7 @@ import transformers
 from tiny_lm import TINY_QWEN2, RecordingLogger, TinyLM, cpu_trainer, loader
 
 from qlit.callbacks import TrainableParamsMonitor
-from qlit.callbacks.trainable_ratio import count_parameters, weight_bytes
+from qlit.callbacks.params import count_parameters, weight_bytes
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from qlit.callbacks._common import log_to_loggers
+from qlit.distributed import gather_objects
+from qlit.metrics import MetricSpec
+
+#: Key of an evaluation step's output dict that holds its generation record (``seconds``, ``samples``, ``new_tokens``).
+GENERATION_KEY = "generation"
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -36,32 +40,30 @@ class InferenceLatencyMonitor(Callback):
 
     Metrics, for ``<stage>`` in ``val``, ``test``, ``predict``: ``<stage>/latency_ms_mean``, ``<stage>/latency_ms_p95``
     and ``<stage>/gen_tokens_per_sec``.
-
-    Args:
-        output_key: Key of the step output's dict that holds the generation record.
     """
 
-    def __init__(self, output_key: str = "generation") -> None:
+    metric_specs = (
+        MetricSpec("val/latency_ms_mean", "ms", higher_is_better=False),
+        MetricSpec("val/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("val/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("test/latency_ms_mean", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("test/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("test/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("predict/latency_ms_mean", "ms", higher_is_better=False),
+        MetricSpec("predict/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("predict/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+    )
+
+    def __init__(self) -> None:
         super().__init__()
-        self.output_key = output_key
         # One (seconds, samples, new_tokens) row per generate call of the running epoch.
         self._records: list[tuple[float, int, int]] = []
-        self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- recording
-    def _reset(self, *_: Any) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._records = []
 
-    def _record(self, outputs: Any) -> None:
-        gen = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
-        if not isinstance(gen, Mapping):
-            return
-        seconds, samples = float(gen["seconds"]), int(gen["samples"])
-        if samples > 0:
-            self._records.append((seconds, samples, int(gen.get("new_tokens", 0))))
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
 
     def on_validation_batch_end(
         self,
@@ -72,48 +74,32 @@ class InferenceLatencyMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not trainer.sanity_checking:
-            self._record(outputs)
+        """The batch end of validation, test and predict: record the step's ``generate`` call."""
+        if trainer.sanity_checking:
+            return
+        if trainer.predicting and not (isinstance(outputs, Mapping) and GENERATION_KEY in outputs):
+            # A predict step returns its rows (one per input), so QLitModule leaves the timing of its last generate
+            # call on the module instead; taken once, so a step that did not generate records nothing.
+            outputs = {GENERATION_KEY: getattr(pl_module, "last_generation", None)}
+            pl_module.last_generation = None
+        self._record(outputs)
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+
+    def _record(self, outputs: Any) -> None:
+        gen = outputs.get(GENERATION_KEY) if isinstance(outputs, Mapping) else None
+        if not isinstance(gen, Mapping):
+            return
+        seconds, samples = float(gen["seconds"]), int(gen["samples"])
+        if samples > 0:
+            self._records.append((seconds, samples, int(gen.get("new_tokens", 0))))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._log_epoch(trainer, pl_module, "val")
 
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._record(outputs)
-
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "test")
-
-    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
-
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        # A predict step returns its rows (one per input), so QLitModule leaves the timing of its last generate
-        # call on the module instead; taken once, so a step that did not generate records nothing.
-        if not (isinstance(outputs, Mapping) and self.output_key in outputs):
-            outputs = {self.output_key: getattr(pl_module, "last_generation", None)}
-            pl_module.last_generation = None
-        self._record(outputs)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.summarise(trainer, "predict")
@@ -134,15 +120,9 @@ class InferenceLatencyMonitor(Callback):
 
     def summarise(self, trainer: Trainer, stage: str) -> dict[str, float]:
         """The running epoch's metrics over all ranks (a collective call: every rank must make it)."""
-        records = self._records
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[tuple[float, int, int]]] = [[] for _ in range(trainer.world_size)]
-            torch.distributed.all_gather_object(gathered, records)
-        else:
-            gathered = [records]
+        gathered = gather_objects(self._records, trainer.world_size)
         latencies = sorted(seconds for rank in gathered for seconds, samples, _ in rank for _ in range(samples))
         if not latencies:
-            self.last_metrics = {}
             return {}
         # Ranks generate concurrently: their rates add up.
         rate = sum(
@@ -150,9 +130,8 @@ class InferenceLatencyMonitor(Callback):
             for rank in gathered
             if (secs := sum(seconds for seconds, *_ in rank)) > 0
         )
-        self.last_metrics = {
+        return {
             f"{stage}/latency_ms_mean": 1000.0 * sum(latencies) / len(latencies),
             f"{stage}/latency_ms_p95": 1000.0 * _percentile(latencies, 95.0),
             f"{stage}/gen_tokens_per_sec": rate,
         }
-        return self.last_metrics

@@ -8,6 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from qlit.callbacks._common import log_to_loggers, optimizer_step_done, synchronize
+from qlit.metrics import MetricSpec
 
 
 class TrainingTimeMonitor(Callback):
@@ -23,6 +24,12 @@ class TrainingTimeMonitor(Callback):
     Args:
         log_setup_time: Also log ``time/setup_seconds``.
     """
+
+    metric_specs = (
+        MetricSpec("time/setup_seconds", "s", higher_is_better=False, aggregate=None),
+        MetricSpec("time/first_step_seconds", "s", higher_is_better=False, aggregate=None),
+        MetricSpec("time/fit_seconds", "s", higher_is_better=False),
+    )
 
     def __init__(self, log_setup_time: bool = True) -> None:
         super().__init__()

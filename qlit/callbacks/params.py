@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
+from qlit.metrics import MetricSpec
 from qlit.models.bitnet import bitnet_weight_bytes
 
 
@@ -71,11 +72,24 @@ class TrainableParamsMonitor(Callback):
     Counted over the wrapped model (the module's ``.model``: the Hugging Face or peft model), with 4-bit weights at
     their logical size, so the numbers match ``PeftModel.get_nb_trainable_parameters()``. They go to the loggers as
     scalars (``params/trainable``, ``params/total``, ``params/trainable_ratio``, ``params/weight_gib``) and into the
-    hyperparameter table, next to the module's own hyperparameters, so runs can be compared by them.
+    hyperparameter table, so runs can be compared by them.
+
+    This callback writes the run's one hyperparameter record (TensorBoard keeps the first record of a run and
+    ignores later ones): the datamodule's and the module's hyperparameters, a qlit module's
+    ``study_hparams()`` (model, quantization, adapter, ...) and the numbers counted here.
 
     Args:
         log_hparams: Also add the numbers to the loggers' hyperparameters (TensorBoard's HPARAMS table).
     """
+
+    metric_specs = (
+        MetricSpec("params/trainable_ratio", "ratio", aggregate="last"),
+        MetricSpec("params/trainable", "parameters", aggregate="last", integer=True),
+        MetricSpec("params/weight_gib", "GiB", higher_is_better=False, aggregate="last"),
+        MetricSpec("params/total", "parameters", aggregate=None, integer=True),
+        MetricSpec("params/bitnet_weight_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("params/bitnet_bf16_gib", "GiB", aggregate=None),
+    )
 
     def __init__(self, log_hparams: bool = True) -> None:
         super().__init__()
@@ -106,19 +120,19 @@ class TrainableParamsMonitor(Callback):
             f"({100 * m['params/trainable_ratio']:.4f} %); weights occupy {m['params/weight_gib']:.3f} GiB"
         )
         log_to_loggers(trainer, m)
-        if not self.log_hparams:
-            return
         hparams: dict[str, Any] = {}
-        # TensorBoard keeps the first hyperparameter record of a run and ignores later ones, and this hook runs just
-        # before Lightning records the module's hyperparameters: so record those too, in the same call.
+        # This hook runs before Lightning records the module's hyperparameters (after every on_fit_start), and
+        # TensorBoard shows only a run's first record: so the one record holds them all.
         if trainer.enable_autolog_hparams and getattr(pl_module, "_log_hyperparams", True):
             if trainer.datamodule is not None and getattr(trainer.datamodule, "_log_hyperparams", True):
                 hparams.update(trainer.datamodule.hparams_initial)
             hparams.update(pl_module.hparams_initial)
             hparams.pop("_class_path", None)  # LightningCLI's internal key, which Lightning does not log either
-            study = getattr(pl_module, "study_hparams", None)  # QLitModule: model, quantization, adapter, ...
-            if callable(study):
-                hparams.update(study())
-        hparams.update(m)
-        for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
+        study = getattr(pl_module, "study_hparams", None)  # QLitModule: model, quantization, adapter, ...
+        if callable(study):
+            hparams.update(study())
+        if self.log_hparams:
+            hparams.update(m)
+        if hparams:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(hparams)

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from qlit.callbacks._common import GIB, log_to_loggers, optimizer_step_done
+from qlit.metrics import MetricSpec
 
 
 def peak_rss_bytes() -> int:
@@ -32,6 +33,24 @@ class GPUMemoryMonitor(Callback):
     Args:
         log_every_n_steps: Log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
     """
+
+    metric_specs = (
+        MetricSpec("gpu/allocated_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("gpu/reserved_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("gpu/peak_allocated_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("gpu/peak_reserved_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("cpu/peak_rss_gib", "GiB", higher_is_better=False, aggregate=None),
+        # The comparison's one memory column: GPU-allocated and CPU-RSS peaks are different quantities, so a
+        # "peak_memory_of" column says which each run's is.
+        MetricSpec(
+            "peak_memory_gib",
+            "GiB",
+            higher_is_better=False,
+            aggregate="max",
+            sources=(("gpu/peak_allocated_gib", "gpu allocated"), ("cpu/peak_rss_gib", "cpu rss")),
+            source_column="peak_memory_of",
+        ),
+    )
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
         super().__init__()
