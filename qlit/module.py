@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
-from qlit.data.batch import IGNORE_INDEX
+from qlit.batch import IGNORE_INDEX
+from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
 from qlit.models.adapters import check_adapter
 from qlit.models.loading import load_causal_lm
@@ -125,12 +126,9 @@ class QLitModule(pl.LightningModule):
         save_hyperparameters(): LightningCLI already writes the full config.yaml, and hyper-parameters stored in
         checkpoints would be re-applied to the model's arguments when resuming with --ckpt_path.
         """
-        q = self.quantization
         return {
             "pretrained": self.pretrained,
-            "quantization": q.mode,
-            "compute_dtype": q.compute_dtype if q.is_quantized else self.dtype_name,
-            "double_quant": bool(q.double_quant if q.double_quant is not None else q.is_4bit),
+            **self.quantization.study_columns(self.dtype_name),
             "adapter": adapter_name(
                 type(self.adapter).__name__ if self.adapter is not None else None,
                 vars(self.adapter) if self.adapter is not None else {},
@@ -227,7 +225,7 @@ class QLitModule(pl.LightningModule):
 
         def generate(b: dict[str, Any]) -> list[str]:
             texts, stats = self.generate(b)
-            step["generation"] = stats
+            step[GENERATION_KEY] = stats
             return texts
 
         self.task.update(metrics, batch, out.logits, generate)

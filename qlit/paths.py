@@ -13,5 +13,6 @@ def cache_root() -> Path:
     """Where qlit keeps built tiny models and tokenised datasets (``QLIT_CACHE`` overrides)."""
     return Path(os.environ.get("QLIT_CACHE", Path.home() / ".cache" / "qlit"))
 
+
 #: Written beside a saved adapter: the base model and how it was stored (quantization) while the adapter trained.
 QLIT_BASE_FILE = "qlit_base.json"

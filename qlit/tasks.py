@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import SacreBLEUScore
 from torchmetrics.text import SQuAD as SQuADMetric
 
+from qlit.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 from qlit.metrics import MetricSpec
 
@@ -93,7 +94,7 @@ class LabelWordTask(Task):
     ) -> None:
         labels = batch["labels"]
         # Index of the first learned token in each row; the logits one position earlier predict it.
-        first = (labels != -100).int().argmax(dim=1)
+        first = (labels != IGNORE_INDEX).int().argmax(dim=1)
         rows = torch.arange(labels.size(0), device=labels.device)
         scores = logits[rows, first - 1][:, self.first_token_ids.to(logits.device)]
         metrics["accuracy"].update(scores.argmax(dim=-1), batch["class_label"])
@@ -167,7 +168,7 @@ class SQuADTask(GenerationTask):
 
     The normalisation is the official SQuAD v1.1 script's (lower-case, no punctuation, no articles, folded
     whitespace), through torchmetrics' ``SQuAD``; scores are percentages as the script reports them. Batches carry
-    ``squad_id`` and ``gold_answers`` (every gold answer text of the row).
+    ``gold_answers`` (every gold answer text of the row).
     """
 
     metric_specs = (

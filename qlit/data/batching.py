@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from qlit.data.batch import IGNORE_INDEX, TOKEN_KEYS, Batch
+from qlit.batch import IGNORE_INDEX, TOKEN_KEYS, Batch
 
 
 class Collator:

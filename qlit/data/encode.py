@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlit.data.batch import IGNORE_INDEX
+from qlit.batch import IGNORE_INDEX
 from qlit.data.render import Example, Renderer
 
 
 def encode(renderer: Renderer, example: Example, learn_all_turns: bool = False) -> dict[str, Any]:
-    """Token ids with labels :data:`~qlit.data.batch.IGNORE_INDEX` everywhere but on the answer(s) and their end token.
+    """Token ids with labels :data:`~qlit.batch.IGNORE_INDEX` everywhere but on the answer(s) and their end token.
 
     The pieces are tokenised one by one, so a label boundary never falls inside a token; the prompt for
     generation is everything before the last answer.

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from qlit.batch import IGNORE_INDEX
 from qlit.data.base import QLitDataModule
-from qlit.data.batch import IGNORE_INDEX
 from qlit.paths import SAMPLES_DIR
 
 SAMPLES = SAMPLES_DIR

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from qlit.batch import IGNORE_INDEX
 from qlit.data import SQuADDataModule
-from qlit.data.batch import IGNORE_INDEX
 from qlit.data.batching import Collator
 
 GPT2 = "qlit-tiny/gpt2"

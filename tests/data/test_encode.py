@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from data_helpers import learned_runs, learned_text, sample_rows
 
+from qlit.batch import IGNORE_INDEX
 from qlit.data import (
     CodeSearchNetDataModule,
     IndicVaultDataModule,
@@ -18,7 +19,6 @@ from qlit.data import (
     SQuADDataModule,
     SST2DataModule,
 )
-from qlit.data.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 
 QWEN, GPT2 = "qlit-tiny/qwen2", "qlit-tiny/gpt2"

@@ -9,6 +9,7 @@ import logging
 import pytest
 from data_helpers import sample_rows, write_jsonl
 
+from qlit.batch import IGNORE_INDEX
 from qlit.data import (
     CodeSearchNetDataModule,
     IndicVaultDataModule,
@@ -17,7 +18,6 @@ from qlit.data import (
     SQuADDataModule,
     SST2DataModule,
 )
-from qlit.data.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 
 GPT2 = "qlit-tiny/gpt2"

@@ -39,4 +39,3 @@ class Batch(TypedDict, total=False):
 
 #: The keys collate builds itself; every other field of a tokenised row travels along as a tensor or a list.
 TOKEN_KEYS = ("input_ids", "labels", "prompt_length")
-
