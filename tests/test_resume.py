@@ -70,11 +70,11 @@ def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
         text=True,
         env=os.environ.copy(),
     )
-    # Training has begun once the logger has written its first events (after model load and the first steps).
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3.0)
+    # Training has begun once a step's loss is logged (every step here): Lightning installs its signal handlers only
+    # after set-up and model loading, and the logger's event file exists from set-up on, so that is too early a cue.
+    deadline = time.monotonic() + 180
+    while "train/loss" not in scalars(tmp_path / "logs") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, output
