@@ -17,10 +17,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
-from qlit.batch import IGNORE_INDEX
+from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
+from qlit.models import attention
 from qlit.models.adapters import check_adapter
+from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
 from qlit.models.loading import load_causal_lm
 from qlit.models.quantization import Quantization
 from qlit.naming import adapter_name
@@ -45,7 +47,11 @@ class QLitModule(pl.LightningModule):
         trust_remote_code: run model code shipped in the hub repository; off unless you trust its author.
         dtype: dtype of the weights that are not quantized (``auto``: the checkpoint's own, or the quantization's
             compute dtype when quantized).
-        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ... (``None``: transformers' default).
+        attn_implementation: ``auto`` (packed batches through PyTorch's variable-length flash kernel on CUDA,
+            :mod:`qlit.models.attention`; SDPA elsewhere), or any of transformers' names: ``sdpa``, ``eager``,
+            ``flash_attention_2``, ... (``None``: transformers' default).
+        kernels: fused training kernels: ``auto`` uses Liger's (fused linear + cross-entropy, RMSNorm, RoPE,
+            SwiGLU) on CUDA where liger-kernel is installed; ``liger`` insists; ``none`` keeps transformers' modules.
         quantization: how the base weights are stored (none, int8, nf4, fp4).
         adapter: a peft config, e.g. ``class_path: peft.LoraConfig``; ``None`` trains every weight (full
             fine-tuning, which needs an unquantized base).
@@ -69,7 +75,8 @@ class QLitModule(pl.LightningModule):
         revision: str | None = None,
         trust_remote_code: bool = False,
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = "auto",
+        kernels: KernelChoice = "auto",
         quantization: Quantization = Quantization(),
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
@@ -92,6 +99,10 @@ class QLitModule(pl.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
+        check_kernels(kernels)
+        self.kernels = kernels
+        #: The fused kernels actually applied (``liger`` or ``none``), known once the model is loaded.
+        self.kernels_applied = "none"
         self.quantization = quantization
         self.adapter = adapter
         self.adapter_path = adapter_path
@@ -141,7 +152,7 @@ class QLitModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         model = load_causal_lm(
             self.pretrained,
             quantization=self.quantization,
@@ -149,13 +160,20 @@ class QLitModule(pl.LightningModule):
             device=device,
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
-            attn_implementation=self.attn_implementation,
+            attn_implementation=self._attention(device),
         )
+        self.kernels_applied = apply_kernels(model, self.kernels, device)
         model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
         # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode as it finds it:
         # left in eval, the decoder layers would skip gradient checkpointing (and dropout) during training.
         model.train()
         self.model = self._attach_adapter(model)
+
+    def _attention(self, device: torch.device) -> str | None:
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        # Padded batches (validation, generation) go through SDPA inside the varlen implementation too.
+        return attention.register() if attention.varlen_available(device) else "sdpa"
 
     def _attach_adapter(self, model: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -196,6 +214,14 @@ class QLitModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
+        if getattr(self.adapter, "is_prompt_learning", False) and getattr(datamodule, "packing", False) is not False:
+            # Prompt learning prepends virtual tokens to every row: a packed row would share one set among samples.
+            if datamodule.packing:
+                raise QlitError(
+                    f"data.packing cannot train {type(self.adapter).__name__}, which prepends virtual tokens to every "
+                    "row: set data.packing: false."
+                )
+            datamodule.packing = False
         self.task = getattr(datamodule, "task", Task())
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         # Submodules built here are moved to the device with the rest of the module by the strategy.
@@ -203,12 +229,25 @@ class QLitModule(pl.LightningModule):
         self.test_metrics = self.task.metrics().clone(prefix="test/")
 
     # ----- steps ----------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> Any:
+    def forward(self, batch: Batch) -> Any:
+        if "cu_seq_lens" in batch:
+            # A packed row: the restarting position ids let transformers' SDPA path build its per-sample mask, and
+            # the sample bounds (flash-attention's keyword names) let the variable-length kernel skip any mask.
+            bounds, longest = batch["cu_seq_lens"], batch["max_length"]
+            return self.model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                labels=batch["labels"],
+                cu_seq_lens_q=bounds,
+                cu_seq_lens_k=bounds,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

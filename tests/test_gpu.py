@@ -70,3 +70,23 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
     )
     assert resumed.trainer.global_step == 8
     assert sorted(s for s, _ in scalars(resumed.trainer.log_dir)["train/loss"]) == [4, 5, 6, 7]
+
+
+def test_fast_paths_keep_the_loss_curve(tmp_path):
+    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed) train the same
+    20 steps as SDPA with transformers' per-sample mask and plain modules, on the same packed batches."""
+    common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
+    curves, paths = {}, {}
+    for name, extra in {
+        "plain": ["--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"],
+        "fast": [],
+    }.items():
+        cli = run_cli(tmp_path / name, *common, "--data.init_args.packing", "true", *extra)
+        curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
+        paths[name] = (cli.model.model.config._attn_implementation, cli.model.kernels_applied)
+    assert paths["fast"][0] == "qlit_varlen" and paths["plain"] == ("sdpa", "none"), paths
+    assert len(curves["plain"]) == len(curves["fast"]) == 20
+    # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
+    worst = max(abs(a - b) for a, b in zip(curves["plain"], curves["fast"], strict=True))
+    assert worst < 0.05 * max(curves["plain"]), (worst, curves)
+    assert curves["fast"][-1] < 0.5 * curves["fast"][0], curves  # and it still learns

@@ -1,41 +1,57 @@
-"""Training throughput and peak GPU memory of qlit, measured like the common HF Trainer + peft QLoRA recipe.
+"""Training throughput and peak GPU memory of qlit, side by side with the standard QLoRA recipe.
 
-Random-initialised Qwen2.5-shaped models (weights do not change speed or memory) and random token batches with no
-padding, so every configuration is comparable with any other run of the same plan. Prints one JSON line per
-configuration; run it in the same GPU session as the recipe you compare against and quote ratios.
+Random-initialised Qwen2.5-shaped models (weights do not change speed or memory) and random token rows. Two
+workloads: ``full`` (every row ``seq`` tokens) and ``sft`` (SFT-like lengths: log-normal, median 256, clipped to
+[16, seq], seeded), the rows the peer recipe reads, which qlit reads through its own batching (padding-free packing
+by a token budget). tokens/s counts real tokens only.
 
-    python tools/bench.py '[{"model": "qwen2.5-0.5b", "quant": "nf4", "bs": 8, "seq": 1024, "steps": 20,
-                             "warmup": 5, "ckpt": true, "optim": "paged_adamw_32bit"}]'
+    python tools/bench.py --against-peer PEER.py          # the five-row table: peer and qlit interleaved
+    python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
-Keys: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), quant (nf4 | none), bs, seq, steps (timed), warmup
-(untimed), ckpt (gradient checkpointing), optim (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank,
-default 16), callbacks (true: all of qlit's measurement callbacks, false: none, or a list of memory | throughput |
-params | latency | timing), logger (TensorBoard logging on, default true), reentrant (reentrant activation
-checkpointing, default true).
+``PEER.py`` is the standard recipe (transformers ``Trainer`` + peft + bitsandbytes), run as it is: it takes a JSON
+plan and prints one JSON line per configuration. Absolute numbers drift between machines and runs by 5-10 %:
+compare within one call, by the ratio.
+
+Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; on
+``sft`` qlit packs the same number of tokens per step, on average, as ``bs`` rows hold), seq (longest row), steps
+(timed), warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing), optim (paged_adamw_32bit |
+paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), attention (auto | sdpa), kernels
+(auto | liger | none), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from qlit.models.shapes import QWEN25
 
+MODELS_DIR = "/tmp/qlit-bench-models"
 
-def model_dir(name: str, root: str = "/tmp/qlit-bench-models") -> str:
-    """Save a random bf16 model of the named shape once; later runs reuse it."""
+#: The table ``--against-peer`` prints: (workload, model, rows per step).
+PLAN = (
+    ("sft", "qwen2.5-0.5b", 8),
+    ("sft", "qwen2.5-7b", 4),
+    ("full", "qwen2.5-0.5b", 8),
+    ("full", "qwen2.5-1.5b", 8),
+    ("full", "qwen2.5-7b", 4),
+)
+
+
+def model_dir(name: str) -> str:
+    """Save a random bf16 model of the named shape once; later runs (and the peer) reuse it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    path = os.path.join(root, name)
+    path = os.path.join(MODELS_DIR, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         config = Qwen2Config(max_position_embeddings=4096, **QWEN25[name])
         with torch.device("cuda"):
@@ -47,32 +63,57 @@ def model_dir(name: str, root: str = "/tmp/qlit-bench-models") -> str:
     return path
 
 
-class RandomTokens(Dataset):
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        self.x = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+def workload_rows(workload: str, n: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The peer recipe's rows, draw for draw (seed 0): the same generator calls in the same order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, seq), generator=g)
+    if workload == "sft":
+        lengths = torch.exp(torch.randn(n, generator=g) * 0.8 + torch.log(torch.tensor(256.0)))
+        sizes = lengths.clamp(16, seq).long().tolist()
+    else:
+        sizes = [seq] * n
+    rows = []
+    for i, size in enumerate(sizes):
+        ids = x[i, :size].tolist()
+        rows.append({"input_ids": ids, "labels": ids, "prompt_length": 0})
+    return rows
 
-    def __len__(self) -> int:
-        return len(self.x)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.x[i], "labels": self.x[i], "attention_mask": torch.ones_like(self.x[i])}
+class StepTimer:
+    """Wall time and real tokens of the steps after ``warmup``, and the peak memory over them.
 
+    The clock stops at the end of the last timed step, not when ``fit`` returns: Lightning's tear-down (moving the
+    model back to the CPU, seconds for a 7B model) is not training.
+    """
 
-class StepTimer(pl.Callback):
-    """Wall time of the steps after ``warmup``, and the peak memory over them."""
+    def __init__(self, warmup: int, steps: int) -> None:
+        import lightning.pytorch as pl
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.steps, self.start = warmup, 0, 0.0
+        timer = self
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.steps += 1
-        if self.steps == self.warmup:
+        class _Callback(pl.Callback):
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+                timer.tick(batch)
+
+        self.callback = _Callback()
+        self.warmup, self.steps, self.done = warmup, steps, 0
+        self.start = self.end = 0.0
+        self.tokens: list[torch.Tensor] = []
+
+    def tick(self, batch: dict[str, Any]) -> None:
+        self.done += 1
+        if self.done > self.warmup:
+            self.tokens.append(batch["attention_mask"].sum())  # summed at the end: no sync per step
+        if self.done == self.warmup:
             torch.cuda.synchronize()
             self.start = time.perf_counter()
             torch.cuda.reset_peak_memory_stats()
+        elif self.done == self.warmup + self.steps:
+            torch.cuda.synchronize()
+            self.end = time.perf_counter()
 
 
-def optimizer(name: str):
+def optimizer(name: str) -> Any:
     import bitsandbytes as bnb
 
     classes = {
@@ -85,22 +126,27 @@ def optimizer(name: str):
 
 def run(
     model: str,
-    quant: str,
-    bs: int,
-    seq: int,
-    steps: int,
-    warmup: int,
-    ckpt: bool,
-    optim: str,
+    workload: str = "full",
+    bs: int = 8,
+    seq: int = 1024,
+    steps: int = 20,
+    warmup: int = 5,
+    quant: str = "nf4",
+    ckpt: bool = True,
+    optim: str = "paged_adamw_32bit",
     r: int = 16,
-    callbacks: bool | list[str] = True,
+    packing: bool = True,
+    attention: str = "auto",
+    kernels: str = "auto",
+    callbacks: bool = True,
     logger: bool = True,
-    reentrant: bool = True,
 ) -> dict[str, Any]:
+    """Train qlit on one configuration and return its measurements."""
+    import lightning.pytorch as pl
     from peft import LoraConfig
 
     from qlit.callbacks import ALWAYS_ON
-    from qlit.callbacks.flops import flops_per_token
+    from qlit.data.batching import Collator, PackingCollator, data_loader
     from qlit.models.quantization import Quantization
     from qlit.module import QLitModule
 
@@ -109,24 +155,34 @@ def run(
     module = QLitModule(
         pretrained=path,
         dtype="bfloat16",
-        quantization=Quantization(mode=quant, compute_dtype="bfloat16") if quant != "none" else Quantization(),
+        attn_implementation=attention,
+        kernels=kernels,
+        quantization=Quantization(mode=quant) if quant != "none" else Quantization(),
         adapter=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         gradient_checkpointing=ckpt,
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         optimizer=optimizer(optim),
         save_adapter=False,
     )
-    timer = StepTimer(warmup)
-    available = {key: cls for key, cls in ALWAYS_ON.items() if key not in ("interrupt", "predictions")}
-    chosen = list(available) if callbacks is True else list(callbacks or [])
-    extra = [available[name]() for name in chosen]
+    timer = StepTimer(warmup, steps)
+    measuring = [ALWAYS_ON[key]() for key in ("params", "memory", "throughput", "timing")] if callbacks else []
+    n, vocab = bs * (steps + warmup), QWEN25[model]["vocab_size"]
+    # The peer's rows, then spare ones in case packing takes more than bs rows per step.
+    rows = workload_rows(workload, n, seq, vocab) + workload_rows(workload, n, seq, vocab, seed=1)
+    if packing:
+        # The same real tokens per step, on average, as bs rows of this workload hold (at least one longest row).
+        mean = sum(len(row["input_ids"]) for row in rows) / len(rows)
+        budget = max(seq, round(bs * mean))
+        loader = data_loader(rows, PackingCollator(), batch_size=bs, max_tokens=budget, shuffle=False, seed=0)
+    else:
+        budget = None
+        loader = data_loader(rows, Collator(pad_token_id=0), batch_size=bs, shuffle=False, seed=0)
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
         precision="bf16-mixed",
         max_steps=steps + warmup,
         logger=pl.loggers.TensorBoardLogger("/tmp/qlit-bench-logs") if logger else False,
-        callbacks=[timer, *extra],
+        callbacks=[timer.callback, *measuring],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -134,33 +190,26 @@ def run(
         num_sanity_val_steps=0,
         log_every_n_steps=10,
     )
-    data = DataLoader(
-        RandomTokens(bs * (steps + warmup), seq, QWEN25[model]["vocab_size"]),
-        batch_size=bs,
-        num_workers=2,
-        pin_memory=True,
-    )
-    trainer.fit(module, train_dataloaders=data)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - timer.start
-    tokens_per_s = bs * seq * steps / elapsed
-    config = module.model.config
+    trainer.fit(module, train_dataloaders=loader)
+    elapsed = timer.end - timer.start
+    tokens = int(torch.stack(timer.tokens[:steps]).sum())
     out = dict(
         tool="qlit",
         model=model,
-        quant=quant,
+        workload=workload,
         bs=bs,
+        max_tokens=budget,
         seq=seq,
+        quant=quant,
         ckpt=ckpt,
         optim=optim,
         r=r,
-        callbacks=chosen,
-        logger=logger,
-        reentrant=reentrant,
-        tokens_per_s=round(tokens_per_s),
+        packing=packing,
+        attention=module.model.config._attn_implementation,
+        kernels=module.kernels_applied,
+        tokens_per_s=round(tokens / elapsed),
         peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        mfu=round(flops_per_token(config, seq) * tokens_per_s / 989.5e12, 4),
         step_s=round(elapsed / steps, 4),
     )
     del trainer, module
@@ -169,8 +218,89 @@ def run(
     return out
 
 
-def main() -> None:
-    for spec in json.loads(sys.argv[1]):
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _subprocess(argv: list[str]) -> dict[str, Any]:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in _json_lines(done.stdout) if "tokens_per_s" in line or "error" in line]
+    if not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)}"}
+    return lines[-1]
+
+
+def against_peer(peer: str, steps: int, warmup: int, plan: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Run the peer recipe and qlit on each row of ``plan``, interleaved, each in its own process."""
+    results = []
+    for workload, model, bs in plan:
+        model_dir(model)  # both read the same saved model
+        peer_spec = dict(
+            name=model, quant="nf4", bs=bs, seq=1024, steps=steps, warmup=warmup, ckpt=True,
+            optim="paged_adamw_32bit", lengths=workload,
+        )  # fmt: skip
+        env_models = os.path.join("/tmp", "models")
+        os.makedirs(env_models, exist_ok=True)
+        link = os.path.join(env_models, model)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(MODELS_DIR, model), link)
+        peer_out = _subprocess([sys.executable, peer, json.dumps([peer_spec])])
+        qlit_spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup)
+        qlit_out = _subprocess([sys.executable, __file__, json.dumps([qlit_spec])])
+        row = dict(workload=workload, model=model, bs=bs, peer=peer_out, qlit=qlit_out)
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| workload | model, batch | peer tokens/s (peak GiB) | qlit tokens/s (peak GiB) | qlit / peer |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in results:
+        peer, ours = row["peer"], row["qlit"]
+
+        def cell(r: dict[str, Any]) -> str:
+            if "tokens_per_s" not in r:
+                return f"error: {str(r.get('error'))[:60]}"
+            return f"{r['tokens_per_s']:,} ({r['peak_alloc_gib']:.2f})"
+
+        ratio = (
+            f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}×"
+            if "tokens_per_s" in ours and "tokens_per_s" in peer
+            else "—"
+        )
+        lines.append(f"| {row['workload']} | {row['model']}, {row['bs']} | {cell(peer)} | {cell(ours)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("plan", nargs="?", help="JSON list of qlit specs (see the module docstring)")
+    parser.add_argument("--against-peer", metavar="PEER.py", help="the standard recipe's script, run as it is")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--only", nargs="*", metavar="WORKLOAD:MODEL:BS", help="rows of the table to run")
+    args = parser.parse_args(argv)
+    if args.against_peer:
+        plan = [tuple(r.split(":")) for r in args.only] if args.only else list(PLAN)
+        plan = [(w, m, int(b)) for w, m, b in plan]
+        results = against_peer(args.against_peer, args.steps, args.warmup, plan)
+        print(table(results))
+        return
+    if not args.plan:
+        parser.error("give a JSON plan or --against-peer PEER.py")
+    for spec in json.loads(args.plan):
         try:
             print(json.dumps(run(**spec)), flush=True)
         except Exception as err:  # report and go on with the rest of the plan

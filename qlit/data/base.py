@@ -9,6 +9,7 @@ particular to it: its default source, its columns, how a row becomes a prompt an
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from qlit.data import cache
-from qlit.data.batching import Collator, data_loader
+from qlit.data.batching import Collator, PackingCollator, data_loader
 from qlit.data.encode import encode
 from qlit.data.render import Example, Renderer
 from qlit.data.schema import Columns, check_rows
@@ -57,7 +58,15 @@ class QLitDataModule(pl.LightningDataModule):
         limit_val_samples: keep only the first N validation rows.
         limit_test_samples: keep only the first N test/predict rows.
         max_length: longest tokenised example; longer rows are skipped and counted (never cut mid-answer).
-        batch_size: training batch size per device.
+        batch_size: training batch size per device: rows per batch, or with packing the samples a batch holds on
+            average.
+        packing: train on padding-free packed batches (:class:`~qlit.data.batching.PackingCollator`): whole samples
+            back to back in one row, attention kept within each sample. ``None``: on, unless the adapter prepends
+            virtual tokens to every row (prompt learning) or several processes train (not yet sharded); ``true``
+            insists. Validation, test and predict batches are always padded rows.
+        max_tokens: with packing, the token budget of one batch (bounds its memory); ``None``: ``batch_size`` × the
+            training split's mean row length (at least its longest row), so a step trains as many samples on
+            average as ``batch_size`` rows would.
         eval_batch_size: validation/test/predict batch size per device (defaults to ``batch_size``).
         generate_val_samples: how many rows of each validation (and test) pass are answered by greedy generation
             for the generation-based metrics (the first N rows of the split over all devices); ``None``: every row.
@@ -93,6 +102,8 @@ class QLitDataModule(pl.LightningDataModule):
         limit_test_samples: int | None = None,
         max_length: int = 1024,
         batch_size: int = 8,
+        packing: bool | None = None,
+        max_tokens: int | None = None,
         eval_batch_size: int | None = None,
         generate_val_samples: int | None = 32,
         chat_template: bool | None = None,
@@ -113,6 +124,11 @@ class QLitDataModule(pl.LightningDataModule):
         ]:
             if value is not None and value < 0:
                 raise QlitError(f"data.{option} must be 0 or more (or null for no limit), got {value}.")
+        if max_tokens is not None and max_tokens < max_length:
+            raise QlitError(
+                f"data.max_tokens ({max_tokens}) is below data.max_length ({max_length}): a batch must hold the "
+                "longest row, so raise max_tokens or lower max_length."
+            )
         if not path and data_files is None:
             raise QlitError("data.init_args.path is empty: set a hub dataset id, a local directory or data_files.")
         self.tokenizer_name = tokenizer
@@ -130,6 +146,8 @@ class QLitDataModule(pl.LightningDataModule):
         self.limit_test_samples = limit_test_samples
         self.max_length = max_length
         self.batch_size = batch_size
+        self.packing = packing
+        self.max_tokens = max_tokens
         self.eval_batch_size = eval_batch_size or batch_size
         self.generate_val_samples = generate_val_samples
         self.chat_template = chat_template
@@ -318,18 +336,36 @@ class QLitDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise QlitError(f"{self.dataset_name} split '{split}' was not set up.")
         trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rows = self.datasets[split].with_format(None)
+        packed = shuffle and self.packs(world)
         return data_loader(
-            self.datasets[split].with_format(None),
-            Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            rows,
+            PackingCollator() if packed else Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
             batch_size=batch_size,
+            max_tokens=self._token_budget(rows) if packed else None,
             shuffle=shuffle,
             seed=self.seed,
-            world_size=trainer.world_size if trainer is not None else 1,
+            world_size=world,
             rank=trainer.global_rank if trainer is not None else 0,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             batches_done=self._batches_done if shuffle else None,
         )
+
+    def packs(self, world_size: int = 1) -> bool:
+        """Whether training batches are packed (``packing``, resolved for ``world_size`` processes)."""
+        if self.packing and world_size > 1:
+            # Lightning re-creates a multi-process train loader around its own DistributedSampler, which a token
+            # budget's batches cannot go through; sharding packed batches by rank comes with multi-GPU support.
+            raise QlitError("data.packing is not available with several processes yet: set data.packing: false.")
+        return self.packing is not False and world_size == 1
+
+    def _token_budget(self, rows: Any) -> int:
+        if self.max_tokens is not None:
+            return self.max_tokens
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        return max(max(lengths), math.ceil(self.batch_size * sum(lengths) / len(lengths)))
 
     def _batches_done(self) -> int:
         """Batches of the running training epoch already trained (what a checkpoint resumes after)."""

@@ -66,6 +66,99 @@ class Collator:
         return batch
 
 
+class PackingCollator:
+    """Concatenates rows into one padding-free row: position ids restart at every sample, and the sample bounds
+    travel as ``cu_seq_lens`` (cumulative lengths, flash-attention's convention) so attention stays within a sample.
+
+    The label of every sample's first token is :data:`IGNORE_INDEX`: the model predicts position ``t`` from position
+    ``t - 1``, which for a sample's first token is the previous sample's last token. A sample's own first label is
+    never learned unpacked either (nothing precedes it), so packed and unpacked samples learn the same tokens.
+    """
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> Batch:
+        lengths = [len(r["input_ids"]) for r in rows]
+        input_ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)
+        labels = torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.long)
+        starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        labels[starts[:-1].long()] = IGNORE_INDEX
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        return {
+            "input_ids": input_ids.unsqueeze(0),
+            "labels": labels.unsqueeze(0),
+            "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long),
+            "position_ids": positions.unsqueeze(0),
+            "cu_seq_lens": starts,
+            "max_length": max(lengths),
+        }
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches of whole rows holding at most ``max_tokens`` tokens together, in an order fixed by ``(seed, epoch)``.
+
+    Rows are taken in the epoch's shuffled order and a batch closes when the next row would overflow the budget, so
+    memory is bounded by the budget rather than by the longest row, and a resumed run sees the same batches. Under
+    several processes every rank plans the same batches and takes every ``world_size``-th, the last incomplete round
+    dropped so that all ranks step together.
+
+    Args:
+        lengths: tokens of each row.
+        max_tokens: the budget; at least the longest row.
+        seed: seed of the order.
+        shuffle: shuffle per epoch; ``False`` keeps the split's order.
+        world_size: processes training together.
+        rank: this process's rank.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        seed: int,
+        shuffle: bool = True,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.world_size = world_size
+        self.rank = rank
+        self.epoch = 0
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        order = EpochSeededSampler(len(self.lengths), self.seed, self.shuffle)
+        order.set_epoch(self.epoch)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        tokens = 0
+        for index in order:
+            n = self.lengths[index]
+            if current and tokens + n > self.max_tokens:
+                batches.append(current)
+                current, tokens = [], 0
+            current.append(index)
+            tokens += n
+        if current:
+            batches.append(current)
+        rounds = len(batches) // self.world_size if self.world_size > 1 else len(batches)
+        mine = batches[self.rank :: self.world_size][:rounds]
+        self._plan = (self.epoch, mine)
+        return mine
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 def data_loader(
     rows: Any,
     collator: Collator,
@@ -73,6 +166,7 @@ def data_loader(
     batch_size: int,
     shuffle: bool,
     seed: int,
+    max_tokens: int | None = None,
     world_size: int = 1,
     rank: int = 0,
     num_workers: int = 0,
@@ -84,7 +178,8 @@ def data_loader(
     Args:
         rows: the tokenised split (a ``datasets.Dataset`` without a format: rows come as dicts of lists).
         collator: turns a list of rows into a batch.
-        batch_size: rows per batch.
+        batch_size: rows per batch (without ``max_tokens``).
+        max_tokens: batch by a token budget instead (:class:`TokenBudgetBatchSampler`): as many whole rows as fit.
         shuffle: train order (seeded per epoch); ``False``: the split's order.
         seed: seed of the train order.
         world_size: processes that evaluate together; each evaluation row goes to exactly one of them.
@@ -93,21 +188,28 @@ def data_loader(
         pin_memory: pin host memory for faster host-to-GPU copies.
         batches_done: returns how many batches of the running training epoch were trained (train loaders only).
     """
-    sampler: Sampler[int] = EpochSeededSampler(len(rows), seed, shuffle=shuffle)
-    if not shuffle and 1 < world_size <= len(rows):
-        # Lightning's default DistributedSampler repeats rows to even out the ranks, so some would be scored (and
-        # generated for) twice; evaluation needs no equal batch counts, so every row goes to exactly one rank.
-        sampler = UnrepeatedDistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=False)
-    return ResumableDataLoader(
-        rows,
-        batch_size=batch_size,
-        sampler=sampler,
+    loader_kwargs: dict[str, Any] = dict(
         collate_fn=collator,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         batches_done=batches_done,
     )
+    if max_tokens is not None:
+        lengths = [len(ids) for ids in _column(rows, "input_ids")]
+        budget = TokenBudgetBatchSampler(lengths, max_tokens, seed, shuffle, world_size=world_size, rank=rank)
+        return ResumableDataLoader(rows, batch_sampler=budget, **loader_kwargs)
+    sampler: Sampler[int] = EpochSeededSampler(len(rows), seed, shuffle=shuffle)
+    if not shuffle and 1 < world_size <= len(rows):
+        # Lightning's default DistributedSampler repeats rows to even out the ranks, so some would be scored (and
+        # generated for) twice; evaluation needs no equal batch counts, so every row goes to exactly one rank.
+        sampler = UnrepeatedDistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=False)
+    return ResumableDataLoader(rows, batch_size=batch_size, sampler=sampler, **loader_kwargs)
+
+
+def _column(rows: Any, name: str) -> Any:
+    # A datasets.Dataset reads one column without decoding the others; a list of dicts is read row by row.
+    return rows[name] if hasattr(rows, "column_names") else [row[name] for row in rows]
 
 
 class EpochSeededSampler(Sampler[int]):

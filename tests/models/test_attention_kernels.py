@@ -1,0 +1,60 @@
+"""The fast paths choose themselves where they can run and say so where they cannot: the variable-length attention
+kernel (CUDA) and Liger's fused kernels (CUDA, optional package)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from qlit.data.batching import PackingCollator
+from qlit.errors import QlitError
+from qlit.models import kernels
+from qlit.module import QLitModule
+
+
+def _module(**kwargs) -> QLitModule:
+    return QLitModule(pretrained="qlit-tiny/qwen2", adapter=LoraConfig(r=4, target_modules="all-linear"), **kwargs)
+
+
+def test_auto_falls_back_quietly_on_cpu() -> None:
+    module = _module()
+    module.configure_model()
+    assert module.model.config._attn_implementation == "sdpa"
+    assert module.kernels_applied == "none"
+
+
+def test_asking_for_liger_without_it_is_one_sentence(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "liger_installed", lambda: False)
+    with pytest.raises(QlitError, match=r"model.kernels liger needs the liger-kernel package: pip install"):
+        _module(kernels="liger")
+
+
+def test_asking_for_liger_on_cpu_is_one_sentence(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    module = _module(kernels="liger")
+    with pytest.raises(QlitError, match="runs on CUDA GPUs only"):
+        module.configure_model()
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_matches_sdpa_on_a_packed_batch() -> None:
+    """The variable-length kernel computes what SDPA with transformers' per-sample mask computes (bf16 tolerance)."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in (37, 90, 11, 64):
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "prompt_length": 0})
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PackingCollator()(rows).items()}
+    logits, names = {}, {}
+    for attn in ("auto", "sdpa"):
+        torch.manual_seed(0)
+        module = _module(attn_implementation=attn, dtype="bfloat16", kernels="none").to("cuda")
+        module.configure_model()  # onto the module's device
+        names[attn] = module.model.config._attn_implementation
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits[attn] = module(batch).logits.float()
+    assert names == {"auto": "qlit_varlen", "sdpa": "sdpa"}
+    assert names == {"auto": "qlit_varlen", "sdpa": "sdpa"}
+    err = (logits["auto"] - logits["sdpa"]).norm() / logits["sdpa"].norm()
+    assert err < 1e-2, err
