@@ -170,6 +170,8 @@ class QLitModule(pl.LightningModule):
         self.model = self._attach_adapter(model)
 
     def _attention(self, device: torch.device) -> str | None:
+        if self.attn_implementation == attention.VARLEN:
+            return attention.register()
         if self.attn_implementation != "auto":
             return self.attn_implementation
         # Padded batches (validation, generation) go through SDPA inside the varlen implementation too.

@@ -71,15 +71,22 @@ def varlen_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is None or query.size(0) != 1 or not query.is_cuda:
+    if cu_seq_lens is None or query.size(0) != 1:  # a padded batch: transformers' SDPA path and its mask
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    # SDPA is on autocast's list of half-precision ops and the flash kernel computes in fp16/bf16 only: under
+    # autocast take its dtype (rotary embeddings in the fp32 norms' dtype leave q and k in fp32), as SDPA would.
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if not query.is_cuda or dtype not in (torch.float16, torch.bfloat16):
+        # fp32 or off CUDA: SDPA, with the per-sample mask built here (transformers built none for this name).
+        mask = _per_sample_causal_mask(cu_seq_lens, query.size(2), query.device)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("qlit's variable-length attention has no dropout: set the model's attention_dropout to 0.")
     kernel = _varlen_kernel()
     heads, kv_heads = query.size(1), key.size(1)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (tokens, heads, dim)
     extra: dict[str, Any] = {}
     params = _kernel_params()
     if kv_heads != heads:
@@ -97,6 +104,13 @@ def varlen_attention(
         raise ValueError("a packed batch needs max_length_q (its longest sample) beside cu_seq_lens_q.")
     out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as transformers' attention functions return
+
+
+def _per_sample_causal_mask(cu_seq_lens: torch.Tensor, tokens: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, tokens, tokens)``: True where a token may attend, i.e. to itself and earlier tokens of its sample."""
+    index = torch.arange(tokens, device=device)
+    sample = torch.searchsorted(cu_seq_lens[1:].to(device), index, right=True)
+    return ((sample[:, None] == sample[None, :]) & (index[:, None] >= index[None, :]))[None, None]
 
 
 @functools.cache
