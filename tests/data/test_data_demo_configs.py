@@ -16,9 +16,9 @@ DEMOS = {
     "demo_hinglish.yaml": ([], ["val/samples"]),
     "demo_jsonl.yaml": ([], ["val/samples"]),
 }
-# A few steps on a few rows: the point is that every stage runs and logs, not what it learns.
+# One epoch of a few rows (however many packed steps they make): every stage runs and logs; learning is not the point.
 SMALL = [
-    "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
+    "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
     "--trainer.log_every_n_steps", "1", "--data.init_args.limit_train_samples", "8",
     "--data.init_args.batch_size", "4", "--data.init_args.limit_val_samples", "4",
     "--data.init_args.generate_val_samples", "2", "--model.init_args.max_new_tokens", "4",

@@ -58,3 +58,22 @@ def test_varlen_kernel_matches_sdpa_on_a_packed_batch() -> None:
     assert names == {"auto": "qlit_varlen", "sdpa": "sdpa"}
     err = (logits["auto"] - logits["sdpa"]).norm() / logits["sdpa"].norm()
     assert err < 1e-2, err
+
+
+@torch.no_grad()
+def test_varlen_implementation_off_cuda_masks_each_sample() -> None:
+    """Asked for explicitly where its kernel cannot run (CPU, fp32), the variable-length implementation still keeps
+    attention within each sample: the same logits as SDPA with transformers' per-sample mask."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (9, 14, 5):
+        ids = torch.randint(3, 500, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "prompt_length": 0})
+    batch = PackingCollator()(rows)
+    logits = {}
+    for attn in ("qlit_varlen", "sdpa"):
+        torch.manual_seed(0)
+        module = _module(attn_implementation=attn, dtype="float32")
+        module.configure_model()
+        logits[attn] = module(batch).logits
+    torch.testing.assert_close(logits["qlit_varlen"], logits["sdpa"], rtol=1e-5, atol=1e-5)
