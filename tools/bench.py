@@ -15,7 +15,8 @@ compare within one call, by the ratio.
 Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; on
 ``sft`` qlit packs the same number of tokens per step, on average, as ``bs`` rows hold), seq (longest row), steps
 (timed), warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing), optim (paged_adamw_32bit |
-paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), attention (auto | sdpa), kernels
+paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing budget; default
+bs × the rows' mean length), attention (auto | sdpa), kernels
 (auto | liger | none), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
@@ -136,6 +137,7 @@ def run(
     optim: str = "paged_adamw_32bit",
     r: int = 16,
     packing: bool = True,
+    max_tokens: int | None = None,
     attention: str = "auto",
     kernels: str = "auto",
     callbacks: bool = True,
@@ -171,7 +173,7 @@ def run(
     if packing:
         # The same real tokens per step, on average, as bs rows of this workload hold (at least one longest row).
         mean = sum(len(row["input_ids"]) for row in rows) / len(rows)
-        budget = max(seq, round(bs * mean))
+        budget = max_tokens or max(seq, round(bs * mean))
         loader = data_loader(rows, PackingCollator(), batch_size=bs, max_tokens=budget, shuffle=False, seed=0)
     else:
         budget = None
