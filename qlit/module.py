@@ -216,14 +216,18 @@ class QLitModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
-        if getattr(self.adapter, "is_prompt_learning", False) and getattr(datamodule, "packing", False) is not False:
+        if hasattr(datamodule, "packing_default"):
             # Prompt learning prepends virtual tokens to every row: a packed row would share one set among samples.
-            if datamodule.packing:
+            prompt_learning = getattr(self.adapter, "is_prompt_learning", False)
+            if prompt_learning and datamodule.packing:
                 raise QlitError(
                     f"data.packing cannot train {type(self.adapter).__name__}, which prepends virtual tokens to every "
                     "row: set data.packing: false."
                 )
-            datamodule.packing = False
+            # Packing pays where the variable-length kernel runs; elsewhere a packed row's attention is a dense
+            # (tokens × tokens) mask, slower than padded rows (twice the demo's time on two CPU cores).
+            varlen = self._attention(self.trainer.strategy.root_device) == attention.VARLEN
+            datamodule.packing_default = varlen and not prompt_learning
         self.task = getattr(datamodule, "task", Task())
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         # Submodules built here are moved to the device with the rest of the module by the strategy.

@@ -61,9 +61,10 @@ class QLitDataModule(pl.LightningDataModule):
         batch_size: training batch size per device: rows per batch, or with packing the samples a batch holds on
             average.
         packing: train on padding-free packed batches (:class:`~qlit.data.batching.PackingCollator`): whole samples
-            back to back in one row, attention kept within each sample. ``None``: on, unless the adapter prepends
-            virtual tokens to every row (prompt learning) or several processes train (not yet sharded); ``true``
-            insists. Validation, test and predict batches are always padded rows.
+            back to back in one row, attention kept within each sample. ``None``: :attr:`packing_default`, which
+            ``QLitModule`` sets: on where its variable-length attention kernel runs (CUDA), off for prompt-learning
+            adapters and, for now, under several processes; ``true`` insists. Validation, test and predict
+            batches are always padded rows.
         max_tokens: with packing, the token budget of one batch (bounds its memory); ``None``: ``batch_size`` × the
             training split's mean row length (at least its longest row), so a step trains as many samples on
             average as ``batch_size`` rows would.
@@ -147,6 +148,8 @@ class QLitDataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.batch_size = batch_size
         self.packing = packing
+        #: What ``packing: null`` means; the LightningModule sets it once it knows the device and the adapter.
+        self.packing_default = True
         self.max_tokens = max_tokens
         self.eval_batch_size = eval_batch_size or batch_size
         self.generate_val_samples = generate_val_samples
@@ -359,7 +362,8 @@ class QLitDataModule(pl.LightningDataModule):
             # Lightning re-creates a multi-process train loader around its own DistributedSampler, which a token
             # budget's batches cannot go through; sharding packed batches by rank comes with multi-GPU support.
             raise QlitError("data.packing is not available with several processes yet: set data.packing: false.")
-        return self.packing is not False and world_size == 1
+        wanted = self.packing if self.packing is not None else self.packing_default
+        return wanted and world_size == 1
 
     def _token_budget(self, rows: Any) -> int:
         if self.max_tokens is not None:

@@ -115,3 +115,28 @@ def test_token_budget_batches() -> None:
     ranks = [list(TokenBudgetBatchSampler(lengths, 12, seed=3, world_size=2, rank=r)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == len(batches) // 2
     assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+
+
+def test_datamodule_packs_training_batches_within_the_budget_and_pads_validation() -> None:
+    from qlit.data import SST2DataModule
+
+    dm = SST2DataModule(
+        tokenizer="qlit-tiny/qwen2", path="qlit-samples/sst2", batch_size=8, packing=True, limit_train_samples=64
+    )
+    dm.setup("fit")
+    rows = dm.datasets["train"].with_format(None)
+    budget = dm._token_budget(rows)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    assert budget == max(max(lengths), -(-8 * sum(lengths) // len(lengths)))  # 8 samples per step on average
+    batches = list(dm.train_dataloader())
+    assert sum(b["cu_seq_lens"].numel() - 1 for b in batches) == 64  # every sample once
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= budget for b in batches)
+    assert "cu_seq_lens" not in next(iter(dm.val_dataloader()))  # evaluation keeps padded rows
+
+
+def test_a_budget_below_the_longest_row_is_refused() -> None:
+    from qlit.data import SST2DataModule
+    from qlit.errors import QlitError
+
+    with pytest.raises(QlitError, match=r"data.max_tokens \(100\) is below data.max_length \(128\)"):
+        SST2DataModule(tokenizer="qlit-tiny/qwen2", path="qlit-samples/sst2", max_length=128, max_tokens=100)
