@@ -19,6 +19,7 @@ from qlit.models.bitnet import (
     weight_dequant,
     weight_quant,
 )
+from qlit.models.shapes import TINY_DECODER, TINY_GPT2
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -27,22 +28,16 @@ _VOCAB = 128
 
 
 def _tiny(arch: str, seed: int = 0) -> nn.Module:
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=_VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    # The tiny shapes with transformers' default initialisation and a smaller vocabulary and context.
+    common = {**TINY_DECODER, "vocab_size": _VOCAB, "max_position_embeddings": 64, "initializer_range": 0.02}
     if arch == "qwen2":
         config = transformers.Qwen2Config(**common)
     elif arch == "llama":
         config = transformers.LlamaConfig(**common)
     else:
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=_VOCAB, n_positions=64)
+        config = transformers.GPT2Config(
+            **{**TINY_GPT2, "vocab_size": _VOCAB, "n_positions": 64, "initializer_range": 0.02}
+        )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
