@@ -36,7 +36,8 @@ class QlitCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # QLitModule wires optimizer + scheduler itself
         # Parse errors are raised, not printed with the whole usage: main() turns them into one sentence.
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        # No abbreviations: `--trainer.max_step 5` must be an error, not max_steps.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "allow_abbrev": False})
         super().__init__(
             QLitModule,
             QLitDataModule,

@@ -41,6 +41,8 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = True) -> Iterator[P
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the folder it becomes gets the usual permissions, as mkdir would.
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
         if replace and target.exists():
@@ -52,3 +54,9 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = True) -> Iterator[P
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

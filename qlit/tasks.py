@@ -213,9 +213,12 @@ class BLEUTask(GenerationTask):
 
 
 def parse_price(text: str) -> float | None:
-    """The first number in ``text`` as dollars: ``"$1,299.00"`` → 1299.0, ``"about 45 dollars"`` → 45.0, else None."""
-    match = re.search(r"\d[\d,]*(?:\.\d+)?|\.\d+", text.replace("$", ""))
-    if match is None:
+    """The first number in ``text`` as dollars: ``"$1,299.00"`` → 1299.0, ``"about 45 dollars"`` → 45.0, else None.
+
+    A negative number (``"-3"``, ``"$-3"``) is no price: ``None``, counted as unparsed rather than taken as 3.
+    """
+    match = re.search(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)", text.replace("$", ""))
+    if match is None or match.group().startswith("-"):
         return None
     try:
         value = float(match.group().replace(",", ""))

@@ -73,6 +73,14 @@ def test_misspelled_config_key(tmp_path, capsys):
     assert "quantisation" in err
 
 
+@pytest.mark.parametrize("abbreviation", ["--trainer.max_step", "--trainer.max_e"])
+def test_an_option_prefix_is_no_abbreviation(capsys, abbreviation):
+    # argparse would take a unique prefix for the whole name: a misspelling must never silently mean something else.
+    code, err = error_of(capsys, "fit", "--config", DEMO, abbreviation, "5")
+    assert code == 2
+    assert f"unrecognized arguments: {abbreviation} 5" in err
+
+
 def test_unknown_quantization_mode(capsys):
     code, err = error_of(capsys, "fit", "--config", DEMO, "--model.init_args.quantization.mode", "nf5")
     assert code != 0

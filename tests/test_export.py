@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,11 @@ def test_bf16_export_rounds_the_float32_merge_once(fp32_run, input_ids, tiny_qwe
         assert torch.equal(weight, fp32[name].to(torch.bfloat16)), name
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16
+    # Written through a private staging folder, but kept with the usual permissions (readable by others under the
+    # usual umask), as a folder made by mkdir would be.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     # bf16 keeps 8 significant bits, and this tiny random model amplifies rounding (~3 % of its largest logit). The
     # yardstick is what bf16 costs the base alone: the export must be within twice that of base + adapter, and the
     # adapter must move the logits by far more, so that the tolerance cannot hide a missing merge.

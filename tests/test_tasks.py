@@ -88,6 +88,9 @@ def test_squad_parse_takes_the_first_line():
         ("Price is $23.50.", 23.5),
         ("", None),
         ("$.99", 0.99),
+        ("-3", None),  # a negative number is no price (counted as unparsed), not 3
+        ("$-12.50", None),
+        ("10-20 dollars", 10.0),  # a range's first bound; its dash is no sign
     ],
 )
 def test_parse_price(text, value):
