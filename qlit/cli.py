@@ -1,4 +1,9 @@
-"""QlitCLI: LightningCLI with every component chosen by class_path, and qlit's defaults."""
+"""The ``qlit`` command: the Trainer's subcommands through :class:`~qlit.trainer_cli.QlitCLI`, plus ``export`` and
+``compare``, every user error in one sentence.
+
+Importing this module loads neither PyTorch nor Lightning, so ``qlit --help`` answers at once; a subcommand loads
+what it needs.
+"""
 
 from __future__ import annotations
 
@@ -8,64 +13,24 @@ import sys
 import warnings
 from typing import Any
 
-from jsonargparse import ArgumentError, lazy_instance
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from qlit.callbacks import ALWAYS_ON
-from qlit.checkpointing import AtomicCheckpointIO
-from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
-from qlit.module import QLitModule
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="qlit"),
+SUBCOMMANDS = {
+    "fit": "train: qlit fit --config configs/demo.yaml",
+    "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
+    "test": "evaluate a checkpoint on the test split (--ckpt_path)",
+    "predict": "generate for a split or a prompt file; writes predictions.jsonl",
+    "export": "merge a trained adapter into a plain transformers model",
+    "compare": "runs side by side: a table, CSV and plots",
 }
 
-
-class QlitCLI(LightningCLI):
-    """``qlit fit|validate|test|predict --config experiment.yaml``: a YAML file is an experiment."""
-
-    def __init__(self, args: Any = None, **kwargs: Any) -> None:
-        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("auto_configure_optimizers", False)  # QLitModule wires optimizer + scheduler itself
-        # Parse errors are raised, not printed with the whole usage: main() turns them into one sentence.
-        # No abbreviations: `--trainer.max_step 5` must be an error, not max_steps.
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "allow_abbrev": False})
-        super().__init__(
-            QLitModule,
-            QLitDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The tokenizer is the model's: named once, in the model section.
-        parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer", apply_on="parse")
-        # Always-on callbacks, each configurable under its own key (e.g. --checkpoint.every_n_train_steps 50).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
-        # qlit's own: the interrupt checkpoint, the measurements of a quantization study (README: "What is logged")
-        # and the predictions writer.
-        for key, callback in ALWAYS_ON.items():
-            parser.add_lightning_class_args(callback, key)
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        # Atomic writes and weights_only loads, unless the config chose its own CheckpointIO plugin.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+HELP = (
+    "usage: qlit {" + ",".join(SUBCOMMANDS) + "} [--config FILE] [options]\n\n"
+    "Fine-tune quantized Hugging Face language models with PEFT adapters, one YAML file per experiment.\n\n"
+    "subcommands:\n"
+    + "".join(f"  {name:<10}{what}\n" for name, what in SUBCOMMANDS.items())
+    + "\nEach subcommand lists its options: qlit <subcommand> --help.\n"
+)
 
 
 def _quiet_third_party() -> None:
@@ -120,19 +85,28 @@ def _qlit_error_in(err: BaseException | None) -> QlitError | None:
 
 def main(args: Any = None) -> None:
     """Entry point of the ``qlit`` command."""
-    _quiet_third_party()
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        raise SystemExit(0 if argv else 2)
+    _quiet_third_party()
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
-        if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
+        if argv[0] == "export":  # not a Trainer method, so not a LightningCLI subcommand
             from qlit.export import export_main
 
             export_main(argv[1:])
             return
-        if argv[:1] == ["compare"]:  # reads finished runs' logs; handles its own errors
+        if argv[0] == "compare":  # reads finished runs' logs; handles its own errors
             from qlit.compare import main as compare_main
 
             compare_main(argv[1:])
             return
+        from qlit.trainer_cli import QlitCLI
+
         QlitCLI(args=args)
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlit.cli import QlitCLI, main
+from qlit.cli import main
+from qlit.trainer_cli import QlitCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 

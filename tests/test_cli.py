@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,25 @@ def test_help(args, capsys):
     assert "--config" in out
     if args[0] == "fit":
         assert "--ckpt_path" in out and "--checkpoint" in out
+
+
+def test_top_level_help_lists_every_subcommand_without_loading_torch():
+    # `qlit --help` must answer at once: the entry module imports neither PyTorch nor Lightning.
+    code = (
+        "import sys; from qlit.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip().endswith("[]"), done.stdout
+    for name in ("fit", "validate", "test", "predict", "export", "compare"):
+        assert f"\n  {name} " in done.stdout, name
+    assert "Lightning Trainer command line tool" not in done.stdout
+
+
+def test_no_subcommand_shows_the_help_and_fails(capsys):
+    assert run_main() == 2
+    assert "subcommands:" in capsys.readouterr().out
 
 
 def test_there_are_configs():
