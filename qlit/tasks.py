@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import re
+import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,11 +28,12 @@ import torch
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredLogError, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import SacreBLEUScore
-from torchmetrics.text import SQuAD as SQuADMetric
 
 from qlit.batch import IGNORE_INDEX
 from qlit.errors import QlitError
 from qlit.metrics import MetricSpec
+
+_PUNCTUATION = set(string.punctuation)
 
 # Generates greedy continuations for the prompts of a batch and returns their decoded text.
 GenerateFn = Callable[[dict[str, Any]], list[str]]
@@ -166,8 +169,9 @@ class GenerationTask(Task):
 class SQuADTask(GenerationTask):
     """Extractive QA: exact match and F1 of the generated span against every gold answer (the best counts).
 
-    The normalisation is the official SQuAD v1.1 script's (lower-case, no punctuation, no articles, folded
-    whitespace), through torchmetrics' ``SQuAD``; scores are percentages as the script reports them. Batches carry
+    Scored as the official SQuAD v1.1 script scores (lower-case, no punctuation, no articles, folded whitespace;
+    F1 over the shared tokens), in percent. Written here rather than through torchmetrics' ``SQuAD``, which follows
+    v2.0 where an answer and a prediction both normalise to nothing (F1 100, where v1.1 gives 0). Batches carry
     ``gold_answers`` (every gold answer text of the row).
     """
 
@@ -177,7 +181,7 @@ class SQuADTask(GenerationTask):
     )
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"squad": SQuADMetric()})
+        return MetricCollection({"exact_match": MeanMetric(), "f1": MeanMetric()}, compute_groups=False)
 
     def parse(self, generation: str) -> str:
         """The answer span: the first non-empty line of the generation, stripped."""
@@ -187,13 +191,30 @@ class SQuADTask(GenerationTask):
         return ""
 
     def score(self, metrics: MetricCollection, batch: dict[str, Any], rows: list[int], texts: list[str]) -> None:
-        preds = [{"prediction_text": self.parse(t), "id": str(i)} for i, t in zip(rows, texts, strict=True)]
-        # answer_start is not used by the metric; it only has to be present.
-        target = []
-        for i in rows:
-            gold = list(batch["gold_answers"][i])
-            target.append({"answers": {"text": gold, "answer_start": [0] * len(gold)}, "id": str(i)})
-        metrics["squad"].update(preds, target)
+        exact, f1 = [], []
+        for i, text in zip(rows, texts, strict=True):
+            prediction = squad_normalize(self.parse(text))
+            golds = [squad_normalize(g) for g in batch["gold_answers"][i]]
+            exact.append(100.0 * max(prediction == g for g in golds))
+            f1.append(100.0 * max(squad_f1(prediction, g) for g in golds))
+        metrics["exact_match"].update(torch.tensor(exact))
+        metrics["f1"].update(torch.tensor(f1))
+
+
+def squad_normalize(text: str) -> str:
+    """The SQuAD v1.1 script's normalisation: lower case, punctuation removed, articles removed, spaces folded."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Token F1 of two normalised answers, as the v1.1 script computes it (0 when they share no token)."""
+    pred_tokens, gold_tokens = prediction.split(), gold.split()
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
 
 
 class BLEUTask(GenerationTask):

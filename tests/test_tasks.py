@@ -73,6 +73,14 @@ def test_squad_f1_gives_partial_credit_and_takes_the_best_gold_answer():
     assert scores["val/f1"] == pytest.approx((200 / 3 + 100 + 0) / 3)
 
 
+def test_squad_follows_v11_where_answer_and_prediction_normalise_to_nothing():
+    # v1.1's script gives F1 0 (no shared token) where v2.0's, and torchmetrics', gives 100; exact match is 100.
+    golds = [["The"], ["Ferror"]]
+    batch = _batch(2, gold_answers=golds, reference=[g[0] for g in golds])
+    scores = _run(SQuADTask(), batch, ["a.", "Ferror"])
+    assert scores == {"val/exact_match": pytest.approx(100.0), "val/f1": pytest.approx(50.0)}
+
+
 def test_squad_parse_takes_the_first_line():
     assert SQuADTask().parse("\n  the Ferror River \nQuestion: more") == "the Ferror River"
 
