@@ -31,7 +31,8 @@ class PredictionWriter(BasePredictionWriter):
             (``trainer.log_dir``, else ``trainer.default_root_dir``).
         alpaca_eval: also write the alpaca_eval model-outputs file.
         alpaca_eval_path: where; ``None`` writes ``alpaca_eval_outputs.json`` beside the JSON Lines file.
-        generator: the ``generator`` name in the alpaca_eval file; ``None`` uses the model's ``pretrained`` name.
+        generator: the ``generator`` name in the alpaca_eval file; ``None`` uses the name of the run that trained
+            the model (``<name>/version_N`` of its checkpoint or adapter), so two adapters of one base are told apart.
     """
 
     def __init__(
@@ -78,10 +79,24 @@ class PredictionWriter(BasePredictionWriter):
             target = (
                 Path(self.alpaca_eval_path) if self.alpaca_eval_path else path.with_name("alpaca_eval_outputs.json")
             )
-            name = self.generator or str(getattr(pl_module, "pretrained", None) or type(pl_module).__name__)
+            name = self.generator or trained_run_name(trainer, pl_module)
             write_alpaca_eval(target, rows, name)
             self.written.append(target)
         rank_zero_info(f"Predictions of {len(rows)} rows written to {', '.join(map(str, self.written))}")
+
+
+def trained_run_name(trainer: Any, pl_module: Any) -> str:
+    """``<name>/version_N`` of the run whose weights predict: its checkpoint's or adapter's run, else this run.
+
+    alpaca_eval skips a ``generator`` it has evaluated already, so two adapters of one base must not share one.
+    """
+    if getattr(trainer, "ckpt_path", None):
+        run = Path(trainer.ckpt_path).resolve().parent.parent  # <run>/checkpoints/<file>.ckpt
+    elif getattr(pl_module, "adapter_path", None):
+        run = Path(pl_module.adapter_path).resolve().parent  # <run>/adapter
+    else:
+        run = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+    return f"{run.parent.name}/{run.name}"
 
 
 def rows_of_batch(

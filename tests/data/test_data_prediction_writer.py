@@ -69,3 +69,22 @@ def test_rows_of_every_rank_merge_in_split_order_each_once():
     merged = merge_rows([rank0, rank1])
     assert [r["generation"] for r in merged] == ["a", "b", "c", "d", "e"]
     assert merged[0]["instruction"] == "A" and merged[1]["instruction"] is None
+
+
+def test_alpaca_eval_generator_defaults_to_the_trained_run(tmp_path):
+    from types import SimpleNamespace
+
+    from qlit.callbacks.predictions import trained_run_name
+
+    runs = tmp_path / "logs" / "sst2"
+    module = SimpleNamespace(adapter_path=None)
+    fresh = SimpleNamespace(ckpt_path=None, log_dir=str(runs / "version_7"), default_root_dir=str(tmp_path))
+    resumed = [
+        SimpleNamespace(**{**vars(fresh), "ckpt_path": str(runs / f"version_{v}/checkpoints/last.ckpt")})
+        for v in (0, 1)
+    ]
+    names = {trained_run_name(trainer, module) for trainer in resumed}
+    assert names == {"sst2/version_0", "sst2/version_1"}  # two adapters of one base, told apart
+    adapter = SimpleNamespace(adapter_path=str(runs / "version_3" / "adapter"))
+    assert trained_run_name(fresh, adapter) == "sst2/version_3"
+    assert trained_run_name(fresh, module) == "sst2/version_7"
