@@ -89,6 +89,8 @@ class QLitModule(pl.LightningModule):
         save_adapter: bool = True,
     ) -> None:
         super().__init__()
+        if max_new_tokens < 1:
+            raise QlitError(f"model.max_new_tokens must be 1 or more, got {max_new_tokens}.")
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
         if adapter is not None:

@@ -102,6 +102,23 @@ def test_an_option_prefix_is_no_abbreviation(capsys, abbreviation):
     assert f"unrecognized arguments: {abbreviation} 5" in err
 
 
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--data.init_args.batch_size", "0"),
+        ("--data.init_args.eval_batch_size", "0"),
+        ("--data.init_args.max_tokens", "-5"),
+        ("--model.init_args.max_new_tokens", "0"),
+    ],
+)
+def test_a_count_below_one_is_one_sentence(tmp_path, capsys, option, value):
+    code, err = error_of(capsys, "fit", "--config", DEMO, option, value)
+    assert code == 1
+    name = option.split(".", 1)[0].removeprefix("--") + "." + option.rsplit(".", 1)[1]
+    assert f"{name} must be 1 or more, got {value}." in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_unknown_quantization_mode(capsys):
     code, err = error_of(capsys, "fit", "--config", DEMO, "--model.init_args.quantization.mode", "nf5")
     assert code != 0

@@ -118,6 +118,14 @@ class QLitDataModule(pl.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise QlitError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
         for option, value in [
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_length", max_length),
+            ("max_tokens", max_tokens),
+        ]:
+            if value is not None and value < 1:
+                raise QlitError(f"data.{option} must be 1 or more, got {value}.")
+        for option, value in [
             ("limit_train_samples", limit_train_samples),
             ("limit_val_samples", limit_val_samples),
             ("limit_test_samples", limit_test_samples),
