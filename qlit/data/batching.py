@@ -1,4 +1,5 @@
-"""Batching: tokenised rows → padded batches (:class:`Collator`), in an order a checkpoint can resume exactly.
+"""Batching: tokenised rows → padded batches (:class:`Collator`) or packed rows by a token budget
+(:class:`PackingCollator`, :class:`TokenBudgetBatchSampler`), in an order a checkpoint can resume exactly.
 
 The order depends only on ``(seed, epoch)`` and the loader's position goes into checkpoints, so a run resumed
 mid-epoch sees exactly the batches the uninterrupted run would have.
