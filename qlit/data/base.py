@@ -117,22 +117,20 @@ class QLitDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise QlitError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
-        for option, value in [
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("max_length", max_length),
-            ("max_tokens", max_tokens),
+        # (option, value, smallest allowed): counts start at 1, limits at 0; null means "none" or "no limit".
+        for option, value, least in [
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("max_length", max_length, 1),
+            ("max_tokens", max_tokens, 1),
+            ("limit_train_samples", limit_train_samples, 0),
+            ("limit_val_samples", limit_val_samples, 0),
+            ("limit_test_samples", limit_test_samples, 0),
+            ("generate_val_samples", generate_val_samples, 0),
         ]:
-            if value is not None and value < 1:
-                raise QlitError(f"data.{option} must be 1 or more, got {value}.")
-        for option, value in [
-            ("limit_train_samples", limit_train_samples),
-            ("limit_val_samples", limit_val_samples),
-            ("limit_test_samples", limit_test_samples),
-            ("generate_val_samples", generate_val_samples),
-        ]:
-            if value is not None and value < 0:
-                raise QlitError(f"data.{option} must be 0 or more (or null for no limit), got {value}.")
+            if value is not None and value < least:
+                unless = "" if least else " (or null for no limit)"
+                raise QlitError(f"data.{option} must be {least} or more{unless}, got {value}.")
         if max_tokens is not None and max_tokens < max_length:
             raise QlitError(
                 f"data.max_tokens ({max_tokens}) is below data.max_length ({max_length}): a batch must hold the "
