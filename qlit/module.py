@@ -386,18 +386,18 @@ class QLitModule(pl.LightningModule):
             )
 
     def on_fit_end(self) -> None:
+        # Every rank asks for the run directory, since trainer.log_dir is a broadcast from rank 0: asked from rank 0
+        # alone (inside a rank-zero-only method) it waits for ranks that never join. Then rank 0 alone writes.
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.save_adapter and self.has_adapter:
-            self._save_adapter()
+            self._save_adapter(log_dir)
         else:
-            self._save_trained()
-
-    def _log_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self._save_trained(log_dir)
 
     @rank_zero_only
-    def _save_trained(self) -> None:
+    def _save_trained(self, log_dir: Path) -> None:
         # A base with a format of its own (BitNet's packed ternary weights) is saved in it, beside its tokenizer.
-        target = self.quantization.backend.save_trained(self.model, self._log_dir())
+        target = self.quantization.backend.save_trained(self.model, log_dir)
         if target is None:
             return
         if self.tokenizer is not None:
@@ -405,8 +405,8 @@ class QLitModule(pl.LightningModule):
         log.info("trained model saved to %s", target)
 
     @rank_zero_only
-    def _save_adapter(self) -> None:
-        target = self._log_dir() / "adapter"
+    def _save_adapter(self, log_dir: Path) -> None:
+        target = log_dir / "adapter"
         self.save_adapter_to(target)
         log.info("adapter saved to %s", target)
 
