@@ -21,9 +21,9 @@ from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
 from qlit.models import attention
-from qlit.models.adapters import check_adapter
+from qlit.models.adapters import adapter_base, check_adapter, load_adapter
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
-from qlit.models.loading import load_causal_lm
+from qlit.models.loading import load_causal_lm, same_base
 from qlit.models.quantization import Quantization
 from qlit.naming import adapter_name
 from qlit.optim import WarmupCosineLR
@@ -31,6 +31,10 @@ from qlit.paths import QLIT_BASE_FILE
 from qlit.tasks import Task
 
 log = logging.getLogger(__name__)
+
+#: The key under which a checkpoint records the base it was trained on (:meth:`QLitModule.base_spec`). Not in
+#: ``hyper_parameters``, which Lightning would pass back to the constructor when loading.
+CHECKPOINT_BASE_KEY = "qlit_base"
 
 
 class QLitModule(pl.LightningModule):
@@ -57,6 +61,9 @@ class QLitModule(pl.LightningModule):
             fine-tuning, which needs an unquantized base).
         adapter_path: a trained adapter in peft format (a directory with ``adapter_config.json``) to load onto the
             base instead of creating a new one from ``adapter``: to continue training it, or to evaluate it.
+        allow_base_mismatch: load an adapter (``adapter_path``) or a checkpoint (``--ckpt_path``) that records another
+            base than ``pretrained``; by default that is refused, since adapter weights of matching names and shapes
+            load onto another base without any error and compute nonsense.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
             embeddings, input gradients for checkpointing) — the QLoRA recipe.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute).
@@ -80,6 +87,7 @@ class QLitModule(pl.LightningModule):
         quantization: Quantization = Quantization(),
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
+        allow_base_mismatch: bool = False,
         prepare_kbit: bool = True,
         gradient_checkpointing: bool = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
@@ -108,6 +116,9 @@ class QLitModule(pl.LightningModule):
         self.quantization = quantization
         self.adapter = adapter
         self.adapter_path = adapter_path
+        self.allow_base_mismatch = allow_base_mismatch
+        if adapter_path is not None:
+            self.check_base(adapter_base(adapter_path), f"model.adapter_path '{adapter_path}'")
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -207,12 +218,31 @@ class QLitModule(pl.LightningModule):
             raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
 
     def _load_adapter(self, model: Any) -> Any:
-        from peft import PeftModel
+        adapter_base(self.adapter_path)  # still there, and still an adapter
+        return load_adapter(model, self.adapter_path, self.pretrained)
 
-        path = Path(self.adapter_path).expanduser()
-        if not (path / "adapter_config.json").is_file():
-            raise QlitError(f"model.adapter_path '{self.adapter_path}' holds no adapter_config.json (peft format).")
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    def check_base(self, trained_on: str | None, what: str) -> None:
+        """Refuse weights recorded as trained on another base than ``pretrained`` (unless ``allow_base_mismatch``).
+
+        Args:
+            trained_on: the recorded base (``None``: nothing recorded, nothing to check).
+            what: the weights, as the sentence names them (``checkpoint 'last.ckpt'``).
+        """
+        if trained_on is None or self.allow_base_mismatch or same_base(trained_on, self.pretrained):
+            return
+        raise QlitError(
+            f"{what} was trained on base '{trained_on}', but model.pretrained is '{self.pretrained}': set "
+            f"model.init_args.pretrained to '{trained_on}', or set model.init_args.allow_base_mismatch: true to load "
+            "it onto this base anyway."
+        )
+
+    def check_checkpoint_base(self, checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
+        """:meth:`check_base` for a Lightning checkpoint: its own record, else its run's ``config.yaml``."""
+        recorded = checkpoint.get(CHECKPOINT_BASE_KEY)
+        trained_on = recorded.get("pretrained") if isinstance(recorded, dict) else None
+        if trained_on is None and path is not None:
+            trained_on = _run_config_base(Path(path))
+        self.check_base(trained_on, f"checkpoint '{path}'" if path is not None else "the checkpoint")
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -370,18 +400,29 @@ class QLitModule(pl.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_BASE_KEY] = self.base_spec()
         if not self.has_adapter:
             return
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        self.check_checkpoint_base(checkpoint, path)
+        name = f"checkpoint '{path}'" if path is not None else "the checkpoint"
+        params = dict(self.named_parameters())
+        for key, value in checkpoint["state_dict"].items():
+            if key in params and isinstance(value, torch.Tensor) and value.shape != params[key].shape:
+                raise QlitError(
+                    f"{name} holds '{key}' of shape {tuple(value.shape)}, but this model's is "
+                    f"{tuple(params[key].shape)}: it was written by a run with another adapter or model."
+                )
         if not self.has_adapter:
             return
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise QlitError(
-                f"the checkpoint does not hold this adapter's weights (e.g. '{missing[0]}'): it was written by a run "
+                f"{name} does not hold this adapter's weights (e.g. '{missing[0]}'): it was written by a run "
                 "with another adapter or model."
             )
 
@@ -427,3 +468,20 @@ class QLitModule(pl.LightningModule):
             "dtype": self.dtype_name,
             "quantization": dataclasses.asdict(self.quantization),
         }
+
+
+def _run_config_base(checkpoint: Path) -> str | None:
+    """The base named by the ``config.yaml`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``):
+    the record of checkpoints written before they held their own."""
+    import yaml
+
+    config = checkpoint.parent.parent / "config.yaml"
+    if checkpoint.parent.name != "checkpoints" or not config.is_file():
+        return None
+    try:
+        model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    init = model.get("init_args", model) if isinstance(model, dict) else {}
+    pretrained = init.get("pretrained") if isinstance(init, dict) else None
+    return pretrained if isinstance(pretrained, str) else None
