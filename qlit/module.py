@@ -99,6 +99,7 @@ class QLitModule(pl.LightningModule):
         super().__init__()
         if max_new_tokens < 1:
             raise QlitError(f"model.max_new_tokens must be 1 or more, got {max_new_tokens}.")
+        _check_optimizer(optimizer, lr_scheduler)
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
         if adapter is not None:
@@ -468,6 +469,21 @@ class QLitModule(pl.LightningModule):
             "dtype": self.dtype_name,
             "quantization": dataclasses.asdict(self.quantization),
         }
+
+
+def _check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and its schedule once on a throwaway parameter, so that arguments they refuse (a negative
+    learning rate, betas outside [0, 1)) fail when the config is read, not after the model has loaded."""
+    try:
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise QlitError(f"model.optimizer refuses its arguments: {str(err).strip().splitlines()[0]}.") from None
+    if lr_scheduler is None:
+        return
+    try:
+        lr_scheduler(probe)
+    except (ValueError, TypeError) as err:
+        raise QlitError(f"model.lr_scheduler refuses its arguments: {str(err).strip().splitlines()[0]}.") from None
 
 
 def _run_config_base(checkpoint: Path) -> str | None:

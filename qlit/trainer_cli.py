@@ -24,6 +24,19 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="qlit"),
 }
 
+#: Trainer options that Lightning accepts below these values and then fails on mid-run (accumulating over 0 batches
+#: divides by zero) or silently misuses (a negative clipping norm flips every gradient): (option, smallest allowed).
+#: Lightning checks max_steps, max_epochs and the limit_*_batches itself.
+TRAINER_LEAST: tuple[tuple[str, float], ...] = (
+    ("accumulate_grad_batches", 1),
+    ("check_val_every_n_epoch", 1),
+    ("log_every_n_steps", 0),
+    ("num_sanity_val_steps", -1),
+    ("min_epochs", 0),
+    ("min_steps", 0),
+    ("gradient_clip_val", 0),
+)
+
 #: What a run directory holds before its first batch: removed again when the run fails that early.
 _SET_UP_FILES = ("config.yaml", "hparams.yaml")
 
@@ -59,6 +72,16 @@ class QlitCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self._get(self.config, "trainer")
+        for option, least in TRAINER_LEAST:
+            value = trainer.get(option)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < least:
+                raise QlitError(f"trainer.{option} must be {least} or more, got {value}.")
+        interval = trainer.get("val_check_interval")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+            raise QlitError(f"trainer.val_check_interval must be above 0, got {interval}.")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -201,6 +201,80 @@ def test_misspelled_class_path(capsys):
     assert "LoraConfg" in err
 
 
+# ----- config files -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("trainer:\n  max_steps: 2\n model: [\n", "is not valid YAML: "),
+        ("", "is empty"),
+        ("# nothing but a comment\n", "is empty"),
+        ("- max_steps: 2\n", "holds a YAML list, not sections"),
+    ],
+    ids=["syntax", "empty", "comment-only", "list"],
+)
+def test_a_broken_config_file_is_named_with_the_reason(tmp_path, capsys, content, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    code, err = refused_and_untouched(
+        capsys, tmp_path, *cli_args(tmp_path, "fit", "--config", DEMO, "--config", str(bad))
+    )
+    assert code == 2
+    assert f"config file '{bad}' {expected}" in err
+    if expected.startswith("is not valid YAML"):
+        assert err.endswith("at line 3, column 2."), err
+
+
+def test_a_config_that_is_a_directory(tmp_path, capsys):
+    code, err = refused_and_untouched(capsys, tmp_path, "fit", "--config", str(tmp_path))
+    assert code == 2 and f"config file '{tmp_path}' is a directory" in err
+
+
+def test_a_yaml_syntax_error_in_a_file_given_to_an_option_names_that_file(tmp_path, capsys):
+    bad = tmp_path / "trainer.yaml"
+    bad.write_text("max_steps: [2\n")
+    code, err = refused_and_untouched(capsys, tmp_path, "fit", "--config", DEMO, "--trainer", str(bad))
+    assert code == 2
+    assert f"'{bad}' is not valid YAML" in err and "line 2" in err and "<unicode string>" not in err
+
+
+# ----- option values ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("--model.init_args.optimizer.init_args.lr", "abc", "model.optimizer.lr: got 'abc', expected a number"),
+        ("--trainer.accumulate_grad_batches", "two", "trainer.accumulate_grad_batches: got 'two', expected an integer"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_option_value_and_type(tmp_path, capsys, option, value, expected):
+    code, err = refused_and_untouched(capsys, tmp_path, *cli_args(tmp_path, "fit", "--config", DEMO, option, value))
+    assert code == 2
+    assert expected in err and "import path" not in err
+
+
+def test_an_optimizer_option_outside_the_model_says_where_it_belongs(tmp_path, capsys):
+    code, err = refused_and_untouched(capsys, tmp_path, "fit", "--config", DEMO, "--optimizer.lr", "abc")
+    assert code == 2
+    assert "unrecognized arguments: --optimizer.lr abc" in err and "--model.init_args.optimizer" in err
+
+
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("--trainer.accumulate_grad_batches", "0", "trainer.accumulate_grad_batches must be 1 or more, got 0."),
+        ("--trainer.accumulate_grad_batches", "-2", "trainer.accumulate_grad_batches must be 1 or more, got -2."),
+        ("--trainer.gradient_clip_val", "-1.0", "trainer.gradient_clip_val must be 0 or more, got -1.0."),
+        ("--trainer.check_val_every_n_epoch", "0", "trainer.check_val_every_n_epoch must be 1 or more, got 0."),
+        ("--trainer.val_check_interval", "0", "trainer.val_check_interval must be above 0, got 0."),
+        ("--model.init_args.optimizer.init_args.lr", "-0.001", "Invalid learning rate: -0.001"),
+        ("--model.init_args.optimizer.init_args.betas", "[1.5, 0.9]", "Invalid beta parameter at index 0: 1.5"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_before_any_run_directory(tmp_path, capsys, option, value, expected):
+    code, err = refused_and_untouched(capsys, tmp_path, *cli_args(tmp_path, "fit", "--config", DEMO, option, value))
+    assert code == 1
+    assert expected in err
+
+
 # ----- checkpoints and adapters -------------------------------------------------------------------------------------
 FAST = [
     "--config", DEMO,
