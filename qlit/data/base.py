@@ -9,7 +9,6 @@ particular to it: its default source, its columns, how a row becomes a prompt an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
