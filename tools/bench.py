@@ -13,11 +13,11 @@ plan and prints one JSON line per configuration. Absolute numbers drift between 
 compare within one call, by the ratio.
 
 Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; qlit
-packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold), seq (longest row), steps
-(timed), warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
-(paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing budget; default
-bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder layers through
-torch.compile), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold), seq (longest row), steps (timed),
+warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
+(paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
+budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
+layers through torch.compile), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
