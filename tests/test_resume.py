@@ -122,7 +122,7 @@ def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     )
     # Training has begun once a step's loss is logged (every step here): Lightning installs its signal handlers only
     # after set-up and model loading, and the logger's event file exists from set-up on, so that is too early a cue.
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while "train/loss" not in scalars(tmp_path / "logs") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.send_signal(sig)
