@@ -363,7 +363,7 @@ class QLitModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        self._schedule_plan = _schedule_plan(scheduler)
+        self._planned_schedule = _schedule_plan(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -373,7 +373,7 @@ class QLitModule(pl.LightningModule):
         # A checkpoint restores the whole scheduler, its length included: a finished run resumed to train longer
         # would sit at the end of its old schedule (learning rate 0 after a cosine decay to 0) for every new step.
         # This run's plan wins; the step counter stays the checkpoint's.
-        plan = getattr(self, "_schedule_plan", None)
+        plan = getattr(self, "_planned_schedule", None)
         configs = self.trainer.lr_scheduler_configs
         if not plan or not configs:
             return
