@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
@@ -386,7 +386,38 @@ class QLitModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        self._planned_schedule = _schedule_plan(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._replan_schedule()
+
+    def _replan_schedule(self) -> None:
+        # A checkpoint restores the whole scheduler, its length included: a finished run resumed to train longer
+        # would sit at the end of its old schedule (learning rate 0 after a cosine decay to 0) for every new step.
+        # This run's plan wins; the step counter stays the checkpoint's.
+        plan = getattr(self, "_planned_schedule", None)
+        configs = self.trainer.lr_scheduler_configs
+        if not plan or not configs:
+            return
+        scheduler = configs[0].scheduler
+        stored = _schedule_plan(scheduler)
+        if stored == plan:
+            return
+        for key, value in plan.items():
+            setattr(scheduler, key, value)
+        # The optimizer holds the rate of the next step, restored from the old plan: recompute it under the new one.
+        lrs = [
+            base * factor(scheduler.last_epoch)
+            for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+        ]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+        changes = ", ".join(f"{key} {stored[key]} -> {plan[key]}" for key in plan if stored[key] != plan[key])
+        rank_zero_info(
+            f"Resuming at step {self.global_step}: the learning-rate schedule is re-planned for this run ({changes})."
+        )
 
     # ----- checkpoints and adapters ---------------------------------------------------------------------------------
     def _trainable_keys(self) -> set[str]:
@@ -450,3 +481,10 @@ class QLitModule(pl.LightningModule):
             "dtype": self.dtype_name,
             "quantization": dataclasses.asdict(self.quantization),
         }
+
+
+def _schedule_plan(scheduler: Any) -> dict[str, Any]:
+    """What a schedule's shape depends on besides its step counter (empty: a schedule qlit does not re-plan)."""
+    if not isinstance(scheduler, WarmupCosineLR):
+        return {}
+    return {key: getattr(scheduler, key) for key in ("total_steps", "warmup_steps", "min_lr_ratio")}
