@@ -1,17 +1,27 @@
 """Writing files and folders atomically: beside the target, then renamed into place.
 
 A reader (a resume, a loader, a second process) sees either the old content or the whole new content, never a
-half-written file; an interrupted write leaves at most a dot-named staging path beside the target.
+half-written file; an interrupted write leaves at most a staging path beside the target, ``.<name>.tmp-<pid>``,
+which :func:`remove_stale` deletes once that process is gone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def staging_path(target: str | os.PathLike) -> Path:
+    """Where this process stages ``target``: a dot-named sibling that carries its PID."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
 @contextmanager
@@ -19,7 +29,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging path beside ``target``; on a clean exit it replaces ``target``, on an error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    staging = staging_path(target)
     try:
         yield staging
         os.replace(staging, target)
@@ -40,9 +50,11 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = True) -> Iterator[P
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    # mkdtemp makes the folder private (0700); the folder it becomes gets the usual permissions, as mkdir would.
-    staging.chmod(0o777 & ~_umask())
+    staging = staging_path(target)
+    # Our PID on a leftover is a dead process's that had the same PID (ours removes its staging when it fails).
+    shutil.rmtree(staging, ignore_errors=True)
+    # Created with the usual permissions, as mkdir would.
+    staging.mkdir()
     try:
         yield staging
         if replace and target.exists():
@@ -56,7 +68,68 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = True) -> Iterator[P
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+def discard(path: str | os.PathLike) -> None:
+    """Remove a folder or file at once for every reader: renamed to this process's staging name, then deleted.
+
+    A kill in the middle leaves a staging path that :func:`remove_stale` deletes, never a half-deleted folder that a
+    reader would take for the real one. A path that another process removed first is no error.
+    """
+    path = Path(path)
+    trash = staging_path(path)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def remove_stale(folder: str | os.PathLike) -> list[Path]:
+    """Delete the staging paths in ``folder`` left by processes that are gone (a kill, a crash, a full disk).
+
+    Only names of the form ``.<name>.tmp-<pid>`` are touched, and only when no process with that PID is alive on this
+    machine; returns what was removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no such folder, or not ours to read
+        return removed
+    for entry in entries:
+        match = _STAGING.match(entry.name)
+        if match is None or pid_alive(int(match["pid"])):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        except OSError:  # not ours to delete (a read-only or shared folder): leave it
+            continue
+        removed.append(entry)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: keep what might be in use
+    return True
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (a large file never sits in memory whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
