@@ -51,14 +51,18 @@ def test_wrong_type_names_the_row_in_file_order(tmp_path):
     # Train rows are drawn in a seeded random order and validation is carved from them, yet the row is named by
     # its place in the file.
     message = _error(SST2DataModule, tmp_path, rows)
-    assert message.startswith("SST-2 split 'train' row 7 column 'label': expected int, got str 'positive'")
+    # ... and by the file and line where it is written.
+    where = tmp_path / "bad" / "train.jsonl"
+    assert message == f"SST-2 split 'train' row 7 column 'label': expected int, got str 'positive' ({where} line 8)."
 
 
 def test_null_text(tmp_path):
     rows = _rows("squad")
     rows[4]["question"] = None
-    assert "SQuAD split 'train' row 4 column 'question': expected str, got NoneType" in _error(
-        SQuADDataModule, tmp_path, rows
+    message = _error(SQuADDataModule, tmp_path, rows)
+    assert (
+        message
+        == f"SQuAD split 'train' row 4 column 'question': null, expected str ({tmp_path}/bad/train.jsonl line 5)."
     )
 
 
