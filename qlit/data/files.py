@@ -164,13 +164,6 @@ def _is_array(path: str) -> bool:
         return _skip_space(f).startswith(b"[")
 
 
-def _json_kind(value: Any) -> str | None:
-    for kind, name in _JSON_KINDS:
-        if isinstance(value, kind):
-            return name
-    return None
-
-
 def _rows(path: str, builder: str) -> Iterator[Location]:
     """Every row of a file with its line (JSON Lines, CSV) and, for JSON Lines, the row as written."""
     if builder == "json" and not _is_array(path):
@@ -212,7 +205,6 @@ def _count(path: str, builder: str) -> int:
 
 # ----- diagnosing -------------------------------------------------------------------------------------------------
 def _diagnose_json(path: str) -> str | None:
-    kinds = _FieldKinds()
     if _is_array(path):
         with _open_binary(path) as f:
             try:
@@ -226,7 +218,8 @@ def _diagnose_json(path: str) -> str | None:
         if rows == []:
             return "holds no rows (an empty JSON array)"
         if rows is not None:
-            return next((p for k, r in enumerate(rows) if (p := kinds.add(f"item {k}", r))), None)
+            return next((p for k, r in enumerate(rows) if (p := _not_a_row(f"item {k}", r))), None)
+    rows = 0
     try:
         for line, text in _lines(path):
             if not text.strip():
@@ -235,41 +228,23 @@ def _diagnose_json(path: str) -> str | None:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
                 return f"line {line} is not valid JSON at column {err.colno}: {_json_error(err)}"
-            if problem := kinds.add(f"line {line}", record):
+            if problem := _not_a_row(f"line {line}", record):
                 return problem
+            rows += 1
     except _NotText as err:
         return str(err)
-    return None if kinds.count else "holds no rows"
+    return None if rows else "holds no rows"
 
 
 def _json_error(err: json.JSONDecodeError) -> str:
     return err.msg.removesuffix(" at").lower()  # "Invalid control character at": the column follows in our words
 
 
-class _FieldKinds:
-    """The JSON type of each field, from the first row that has it: a later row of another type is the error
-    (pyarrow refuses a column that changes type)."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, tuple[str, str]] = {}
-        self.count = 0
-
-    def add(self, where: str, record: Any) -> str | None:
-        self.count += 1
-        if not isinstance(record, dict):
-            return f"{where} is {_a(_json_kind(record) or 'null')}, not an object (a row)"
-        for key, value in record.items():
-            kind = _json_kind(value)
-            if kind is None:
-                continue
-            first_kind, first_where = self.first.setdefault(key, (kind, where))
-            if first_kind != kind:
-                return f"{where} field '{key}' is {_a(kind)} where {first_where} has {_a(first_kind)}"
+def _not_a_row(where: str, record: Any) -> str | None:
+    if isinstance(record, dict):
         return None
-
-
-def _a(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    kind = next((name for types, name in _JSON_KINDS if isinstance(record, types)), "null")
+    return f"{where} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not an object (a row)"
 
 
 def _diagnose_csv(path: str) -> str | None:
