@@ -219,7 +219,7 @@ def _diagnose_json(path: str) -> str | None:
             return "holds no rows (an empty JSON array)"
         if rows is not None:
             return next((p for k, r in enumerate(rows) if (p := _not_a_row(f"item {k}", r))), None)
-    rows = 0
+    count = 0
     try:
         for line, text in _lines(path):
             if not text.strip():
@@ -230,10 +230,10 @@ def _diagnose_json(path: str) -> str | None:
                 return f"line {line} is not valid JSON at column {err.colno}: {_json_error(err)}"
             if problem := _not_a_row(f"line {line}", record):
                 return problem
-            rows += 1
+            count += 1
     except _NotText as err:
         return str(err)
-    return None if rows else "holds no rows"
+    return None if count else "holds no rows"
 
 
 def _json_error(err: json.JSONDecodeError) -> str:
