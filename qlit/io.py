@@ -131,5 +131,8 @@ def pid_alive(pid: int) -> bool:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, read in chunks (a large file never sits in memory whole)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

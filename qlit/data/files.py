@@ -79,10 +79,10 @@ def diagnose(path: str, builder: str) -> str | None:
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
             except Exception as err:  # pyarrow's words for a file that is no Parquet
-                return f"is not a readable Parquet file ({_first_line(err)})"
+                return f"is not a readable Parquet file ({first_line(err)})"
             return "holds no rows" if rows == 0 else None
     except OSError as err:
-        return f"cannot be read ({_first_line(err)})"
+        return f"cannot be read ({first_line(err)})"
     return None
 
 
@@ -266,6 +266,7 @@ def _diagnose_csv(path: str) -> str | None:
     return None if rows else "holds no rows, only a header line"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """``Type: the first line of its message``: what an exception says, in one line."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-from qlit.data.files import Location, diagnose, digest, locate, precheck
+from qlit.data.files import Location, diagnose, digest, first_line, locate, precheck
 from qlit.errors import QlitError
 from qlit.hub import looks_local, offline_unless_reachable
 from qlit.paths import SAMPLES_DIR, cache_root
@@ -181,7 +181,7 @@ def load_source(
         except (ConnectionError, FileNotFoundError, OSError, ValueError, RuntimeError) as err:
             hint = "" if online else "the Hugging Face Hub is unreachable, and "
             raise QlitError(
-                f"Could not load {dataset_name} '{path or source}': {hint}{_first_line(err)} "
+                f"Could not load {dataset_name} '{path or source}': {hint}{first_line(err)} "
                 f"— download it where the hub is reachable and point data.init_args.path at the local directory, "
                 f"or set data.init_args.data_files."
             ) from None
@@ -198,7 +198,7 @@ def _load_local(dataset_name: str, source: str, kwargs: dict[str, Any], train_sp
         # Which files make each split, as `datasets` resolves them (directory layouts, globs); nothing is read yet.
         resolved = datasets.load_dataset_builder(source, **kwargs).config.data_files or {}
     except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:
-        raise QlitError(f"Could not read {dataset_name} '{source}': {_first_line(err)}.") from None
+        raise QlitError(f"Could not read {dataset_name} '{source}': {first_line(err)}.") from None
     split_files = {str(split): [str(f) for f in found] for split, found in resolved.items()}
     every = list(dict.fromkeys(f for found in split_files.values() for f in found))
     builder = source if source in BUILDERS else _builder_of(every)
@@ -208,17 +208,34 @@ def _load_local(dataset_name: str, source: str, kwargs: dict[str, Any], train_sp
             raise QlitError(f"Data file '{one}' of {dataset_name} {problem}.")
     digests = {split: digest(found) for split, found in split_files.items()}
     key = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()[:20]
+    cache_dir = cache_root() / "sources" / key
+    # Read whole before by a run (the folder is keyed by the files' content, so they read well then).
+    prepared = any(cache_dir.rglob("dataset_info.json"))
     try:
         with offline_unless_reachable():
-            loaded = datasets.load_dataset(source, cache_dir=str(cache_root() / "sources" / key), **kwargs)
+            loaded = datasets.load_dataset(source, cache_dir=str(cache_dir), **kwargs)
     except Exception as err:  # `datasets`' many ways of saying a file is bad: find the file and the line
         for one in every:
             problem = diagnose(one, builder)
             if problem is not None:
                 raise QlitError(f"Data file '{one}' of {dataset_name} {problem}.") from None
-        raise QlitError(
-            f"Could not read the data files of {dataset_name} ({', '.join(every)}): {_first_line(err)}."
-        ) from err
+        if not prepared:
+            raise QlitError(
+                f"Could not read the data files of {dataset_name} ({', '.join(every)}): {first_line(err)}."
+            ) from err
+        # The files read well: what failed is the cache read from them (a killed write, a full disk).
+        _warn(
+            "Cache of %s's data files %s is unreadable (%s): rebuilding it.", dataset_name, cache_dir, first_line(err)
+        )
+        try:
+            with offline_unless_reachable():
+                loaded = datasets.load_dataset(
+                    source, cache_dir=str(cache_dir), download_mode="force_redownload", **kwargs
+                )
+        except Exception as again:
+            raise QlitError(
+                f"Could not read the data files of {dataset_name} ({', '.join(every)}): {first_line(again)}."
+            ) from again
     if not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict({train_split: loaded})
     return Source(loaded, split_files, builder, digests)
@@ -335,11 +352,6 @@ def _builder_of(paths: Sequence[str]) -> str:
         return ""
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _flatten(files: str | Sequence[str] | Mapping[str, str | Sequence[str]]) -> list[str]:
     values = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping) else files
     return [one for v in values for one in ([v] if isinstance(v, str) else v)]
@@ -352,3 +364,8 @@ def _expand(files: str | list[str]) -> str | list[str]:
 @rank_zero_only
 def _info(msg: str, *args: Any) -> None:
     log.info(msg, *args)
+
+
+@rank_zero_only
+def _warn(msg: str, *args: Any) -> None:
+    log.warning(msg, *args)

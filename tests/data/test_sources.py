@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 
 import datasets
 import pytest
@@ -178,3 +180,18 @@ def test_qlit_fit_with_a_validation_file_under_an_unknown_split_stops_before_the
     assert line.startswith("qlit: error: data.init_args.data_files names split 'val', which SST-2 does not read")
     assert not (tmp_path / "logs").exists()
     assert {p: p.read_bytes() for p in (train, val)} == before
+
+
+def test_an_unreadable_cache_of_local_files_is_rebuilt_with_one_line(tmp_path, qlit_cache, caplog):
+    data = write_jsonl(tmp_path / "train.jsonl", sample_rows("sst2", "train")[:20])
+    options = dict(tokenizer=GPT2, data_files=str(data), val_fraction=0.25, cache=False)
+    SST2DataModule(**options).setup("validate")
+    (arrow,) = (qlit_cache / "sources").rglob("*.arrow")
+    os.truncate(arrow, arrow.stat().st_size // 2)
+    dm = SST2DataModule(**options)
+    with caplog.at_level(logging.WARNING, logger="qlit.data.sources"):
+        dm.setup("validate")
+    lines = [r.getMessage() for r in caplog.records if r.name == "qlit.data.sources"]
+    assert len(lines) == 1 and lines[0].startswith("Cache of SST-2's data files ")
+    assert lines[0].endswith(": rebuilding it.")
+    assert len(dm.datasets["validation"]) == 5
