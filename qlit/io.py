@@ -1,7 +1,7 @@
 """Writing files and folders atomically: beside the target, then renamed into place.
 
 A reader (a resume, a loader, a second process) sees either the old content or the whole new content, never a
-half-written file; an interrupted write leaves at most a staging path beside the target, ``.<name>.tmp-<pid>``,
+half-written file; an interrupted write leaves at most a staging path beside the target, ``.<name>.tmp-<pid>@<host>``,
 which :func:`remove_stale` deletes once that process is gone.
 """
 
@@ -11,17 +11,23 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:@(?P<host>.+))?$")
+# A PID names a process only on its own machine; several machines may share a folder (multi-node runs).
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+# A staging path of another machine is left alone until it has not changed for this long.
+FOREIGN_STALE_AFTER_S = 24 * 3600
 
 
 def staging_path(target: str | os.PathLike) -> Path:
-    """Where this process stages ``target``: a dot-named sibling that carries its PID."""
+    """Where this process stages ``target``: a dot-named sibling that carries its PID and machine."""
     target = Path(target)
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}@{_HOST}")
 
 
 @contextmanager
@@ -89,8 +95,9 @@ def discard(path: str | os.PathLike) -> None:
 def remove_stale(folder: str | os.PathLike) -> list[Path]:
     """Delete the staging paths in ``folder`` left by processes that are gone (a kill, a crash, a full disk).
 
-    Only names of the form ``.<name>.tmp-<pid>`` are touched, and only when no process with that PID is alive on this
-    machine; returns what was removed.
+    Only names of the form ``.<name>.tmp-<pid>@<host>`` are touched: of this machine when no process with that PID
+    is alive, of another machine (whose processes cannot be seen from here) once unchanged for
+    :data:`FOREIGN_STALE_AFTER_S`. Returns what was removed.
     """
     removed = []
     try:
@@ -99,9 +106,14 @@ def remove_stale(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _STAGING.match(entry.name)
-        if match is None or pid_alive(int(match["pid"])):
+        if match is None:
             continue
         try:
+            if match["host"] in (None, _HOST):
+                if pid_alive(int(match["pid"])):
+                    continue
+            elif time.time() - _last_change(entry) < FOREIGN_STALE_AFTER_S:
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -112,6 +124,14 @@ def remove_stale(folder: str | os.PathLike) -> list[Path]:
             continue
         removed.append(entry)
     return removed
+
+
+def _last_change(path: Path) -> float:
+    """The latest modification time of a path and, for a folder, of what it holds (a file grows while written)."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [entry.stat(follow_symlinks=False).st_mtime for entry in os.scandir(path)]
+    return max(times)
 
 
 def pid_alive(pid: int) -> bool:

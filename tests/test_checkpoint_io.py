@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,20 @@ def test_temporary_files_of_killed_saves_are_removed_by_the_next_save(tmp_path):
     assert not killed.exists() and not mine.exists()
     assert writing.exists()  # its process is alive: it may still be writing
     assert unrelated.exists()  # not a name a save stages under
+
+
+def test_temporary_files_of_another_machine_wait_a_day(tmp_path):
+    # Several machines may share the folder: a PID of another one says nothing here, only the file's age does.
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    fresh = folder / f".last.ckpt.tmp-{_dead_pid()}@another-node"
+    old = folder / f".epoch=0-step=9.ckpt.tmp-{_dead_pid()}@another-node"
+    for path in (fresh, old):
+        path.write_bytes(b"\0" * 64)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    AtomicCheckpointIO().save_checkpoint(_state(1), folder / "last.ckpt")
+    assert fresh.exists() and not old.exists()
 
 
 def test_loading_removes_the_killed_saves_beside_the_checkpoint(tmp_path):

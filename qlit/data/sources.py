@@ -196,7 +196,8 @@ def _load_local(dataset_name: str, source: str, kwargs: dict[str, Any], train_sp
 
     try:
         # Which files make each split, as `datasets` resolves them (directory layouts, globs); nothing is read yet.
-        resolved = datasets.load_dataset_builder(source, **kwargs).config.data_files or {}
+        with offline_unless_reachable():
+            resolved = datasets.load_dataset_builder(source, **kwargs).config.data_files or {}
     except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:
         raise QlitError(f"Could not read {dataset_name} '{source}': {first_line(err)}.") from None
     split_files = {str(split): [str(f) for f in found] for split, found in resolved.items()}
