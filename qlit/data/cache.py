@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from qlit.io import atomic_dir, discard, remove_stale, sha256_file
+from qlit.io import atomic_dir, content_hash, discard, remove_stale
 from qlit.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _FORMAT_VERSION = "4"
 # The skipped-row counts of the split, so they are reported on every run, not only the one that tokenised.
 _STATS_FILE = "qlit_stats.json"
-# Size and SHA-256 of every other file of the folder; written last, so its presence means the folder is complete.
+# Size and content hash of every other file of the folder; written last, so its presence means the folder is complete.
 _CHECKSUMS_FILE = "qlit_checksums.json"
 
 
@@ -97,7 +97,7 @@ def save(folder: Path, encoded: Any, skipped: Mapping[str, int]) -> Any:
         encoded.save_to_disk(str(staging))
         (staging / _STATS_FILE).write_text(json.dumps(dict(skipped)))
         checksums = {
-            str(path.relative_to(staging)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            str(path.relative_to(staging)): {"size": path.stat().st_size, "xxh3_128": content_hash(path)}
             for path in sorted(staging.rglob("*"))
             if path.is_file()
         }
@@ -109,7 +109,7 @@ def _verify(folder: Path) -> str | None:
     """What is wrong with a cache folder, or ``None`` when every file matches its checksum."""
     try:
         checksums = json.loads((folder / _CHECKSUMS_FILE).read_text())
-        expected = {str(name): (int(s["size"]), str(s["sha256"])) for name, s in checksums.items()}
+        expected = {str(name): (int(s["size"]), str(s["xxh3_128"])) for name, s in checksums.items()}
     except FileNotFoundError:
         return f"no {_CHECKSUMS_FILE}: an unfinished copy"
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -122,7 +122,7 @@ def _verify(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, not {size}"
-        if sha256_file(path) != digest:
+        if content_hash(path) != digest:
             return f"{name} does not match its checksum"
     return None
 

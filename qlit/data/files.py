@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qlit.io import sha256_file
+from qlit.io import content_hash
 
 _JSON_KINDS = ((bool, "boolean"), (str, "string"), ((int, float), "number"), (dict, "object"), (list, "array"))
 _CHUNK = 1 << 16
@@ -38,7 +38,7 @@ class Location:
 
 def digest(paths: Sequence[str]) -> str:
     """A hash of the files' contents, in order (their names, sizes and times do not count)."""
-    return hashlib.sha256("\n".join(sha256_file(p) for p in paths).encode()).hexdigest()
+    return hashlib.sha256("\n".join(content_hash(p) for p in paths).encode()).hexdigest()
 
 
 def precheck(path: str, builder: str) -> str | None:
