@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from qlit.callbacks import ALWAYS_ON
-from qlit.checkpointing import AtomicCheckpointIO
+from qlit.checkpoint_io import AtomicCheckpointIO
 from qlit.data.base import QLitDataModule
 from qlit.module import QLitModule
 

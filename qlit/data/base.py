@@ -22,7 +22,7 @@ from qlit.data.batching import Collator, PackingCollator, data_loader
 from qlit.data.encode import encode
 from qlit.data.render import Example, Renderer
 from qlit.data.schema import Columns, check_rows
-from qlit.data.sources import Rows, iter_rows, load_source, select_splits
+from qlit.data.sources import Rows, check_data_files, iter_rows, load_source, select_splits
 from qlit.errors import QlitError
 from qlit.models.loading import load_tokenizer
 from qlit.tasks import Task
@@ -138,6 +138,9 @@ class QLitDataModule(pl.LightningDataModule):
             )
         if not path and data_files is None:
             raise QlitError("data.init_args.path is empty: set a hub dataset id, a local directory or data_files.")
+        check_data_files(
+            self.dataset_name, path, data_files, train_split=train_split, val_split=val_split, test_split=test_split
+        )
         self.tokenizer_name = tokenizer
         self.path = path
         self.name = name
