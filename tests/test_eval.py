@@ -35,13 +35,24 @@ ROWS = [
     {"question": "Which is a number?", "choices": [" seven", " green", " quick"], "answer": 0},
 ]
 
-#: Both sides run the same weights through the same lm-eval code with the same batches, in float32 on the CPU, so
-#: they agree to the bit in practice; 1e-5 leaves room for sums re-associated by another thread count, and is far
-#: below what dropping the quantization or the adapter moves a log-likelihood (asserted, so the match means something).
-SAME_MODEL = {"rtol": 0.0, "atol": 1e-5}
+#: Float32 on the CPU. Given the same reloaded NF4 model, qlit eval and lm-eval's HFLM agree to the bit (measured: 0.0);
+#: against the training module's own model object (the unquantized test) float32 rounding remains (measured: 3.8e-6
+#: on log-likelihoods as large as 40, 1e-7 relative). Dropping the adapter or the quantization moves them by more
+#: than 1 (measured: 1.2 to 6.4), so the tests also assert a gap of 0.1 there: the tolerance cannot hide either.
+SAME_MODEL = {"rtol": 1e-6, "atol": 1e-5}
+OTHER_MODEL = 0.1
 #: A merged export against base + adapter: merging re-associates the sums of each layer (as in test_export, a few
 #: float32 steps on the logits), summed over a choice's tokens.
 MERGED = {"rtol": 1e-5, "atol": 1e-4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_environment_report():
+    """lm-eval records the machine in every result (``pretty_env_info``: ``pip list``, compiler and driver versions,
+    through subprocesses); that takes seconds per run and tells these tests nothing."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +135,8 @@ def test_nf4_adapter_scores_as_lm_evals_hflm_scores_the_same_quantized_model(nf4
         without_adapter = lm_eval_requests(model, tokenizer)["qlit_mc"]
     full = load_causal_lm("qlit-tiny/qwen2", quantization=Quantization(), dtype="float32", device=torch.device("cpu"))
     unquantized = lm_eval_requests(PeftModel.from_pretrained(full, str(nf4_run / "adapter")).eval(), tokenizer)
-    assert largest_gap(expected, without_adapter) > 1e-2
-    assert largest_gap(expected, unquantized["qlit_mc"]) > 1e-2
+    assert largest_gap(expected, without_adapter) > OTHER_MODEL
+    assert largest_gap(expected, unquantized["qlit_mc"]) > OTHER_MODEL
 
 
 @pytest.mark.slow
@@ -169,6 +180,7 @@ def test_a_checkpoint_scores_as_the_adapter_its_run_saved(nf4_run, tmp_path):
 
 
 # ----- without quantization: an adapter on a float32 base, and its merged export --------------------------------------
+@pytest.mark.slow
 def test_unquantized_adapter_and_its_export_score_alike_and_a_group_is_one_column(workdir, tmp_path):
     torch.manual_seed(0)
     module = QLitModule(
@@ -204,7 +216,7 @@ def test_unquantized_adapter_and_its_export_score_alike_and_a_group_is_one_colum
     torch.testing.assert_close(written_requests(exported.samples["qlit_mc"]), got["qlit_mc"], equal_nan=True, **MERGED)
     with module.model.disable_adapter():  # the merge carries the adapter: without it the scores move
         base = lm_eval_requests(module.model, module.tokenizer)["qlit_mc"]
-    assert largest_gap(base, got["qlit_mc"]) > 1e-2
+    assert largest_gap(base, got["qlit_mc"]) > OTHER_MODEL
 
 
 # ----- bad input: one sentence each, before any weight loads ----------------------------------------------------------
