@@ -539,12 +539,33 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--apply_chat_template", action="store_true", help="prompts in the chat template")
     parser.add_argument("--base", metavar="MODEL", help="the adapter's base instead of the recorded one")
     parser.add_argument(
-        "--quantization", metavar="MODE", help="store the base as MODE (e.g. nf4) instead of as recorded / unquantized"
+        "--quantization",
+        metavar="SPEC",
+        help="load the base as this instead of as recorded (with --model: unquantized): a mode (nf4) or a config's "
+        "quantization mapping ('{mode: nf4, compute_dtype: float32}')",
     )
     parser.add_argument("--run_config", metavar="FILE", help="a checkpoint's run config.yaml (default: beside it)")
     parser.add_argument("--log_dir", metavar="DIR", help="TensorBoard run to log to (default: the adapter's run)")
     parser.add_argument("--trust_remote_code", action="store_true", help="run model code from the hub repository")
     return parser
+
+
+def _quantization(text: str) -> Quantization:
+    """``--quantization``: a mode (``nf4``) or, as in a config, a mapping of ``Quantization`` fields."""
+    import yaml
+
+    from qlit.models.quantization import Quantization
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    fields = value if isinstance(value, dict) else {"mode": value if isinstance(value, str) else text}
+    names = [f.name for f in dataclasses.fields(Quantization)]
+    unknown = [key for key in fields if key not in names]
+    if unknown:
+        raise QlitError(f"--quantization has no field '{unknown[0]}': use {', '.join(names)}.")
+    return Quantization(**fields)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "qlit eval") -> EvalResult:
@@ -557,12 +578,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "qlit eval") -> EvalResu
         prog: the command's name in usage and error messages.
     """
     args = _parser(prog).parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k != "quantization"}
+    options = vars(args)
     try:
         if args.quantization is not None:
-            from qlit.models.quantization import Quantization
-
-            options["quantization"] = Quantization(mode=args.quantization)
+            options["quantization"] = _quantization(args.quantization)
         outcome = evaluate_model(**options)
     except QlitError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -117,7 +117,7 @@ def nf4_run(workdir):
 
 
 @pytest.mark.slow
-def test_nf4_adapter_scores_as_lm_evals_hflm_scores_the_same_quantized_model(nf4_run):
+def test_nf4_adapter_scores_as_lm_evals_hflm_scores_the_same_quantized_model(nf4_run, tmp_path):
     (samples,) = (nf4_run / "eval").glob("samples_qlit_mc_*.jsonl")
     got = written_requests(samples)
     assert got.shape == (len(ROWS), 4) and not got[:, 0].isnan().any()
@@ -137,6 +137,14 @@ def test_nf4_adapter_scores_as_lm_evals_hflm_scores_the_same_quantized_model(nf4
     unquantized = lm_eval_requests(PeftModel.from_pretrained(full, str(nf4_run / "adapter")).eval(), tokenizer)
     assert largest_gap(expected, without_adapter) > OTHER_MODEL
     assert largest_gap(expected, unquantized["qlit_mc"]) > OTHER_MODEL
+
+    # The base alone, loaded as it was stored in training: the baseline a QLoRA study compares the adapter against.
+    out = tmp_path / "baseline"
+    spec = "{mode: nf4, double_quant: true, compute_dtype: float32}"
+    args = ("--model", "qlit-tiny/qwen2", "--quantization", spec, "--output", str(out), "--log_samples")
+    assert run_main("eval", *args, "--tasks", "qlit_mc", "--include_path", str(TASKS), "--batch_size", "4") == 0
+    (samples,) = out.glob("samples_qlit_mc_*.jsonl")
+    torch.testing.assert_close(written_requests(samples), without_adapter, equal_nan=True, **SAME_MODEL)
 
 
 @pytest.mark.slow
@@ -256,12 +264,14 @@ def test_a_missing_adapter_is_named(tmp_path, capsys):
         ("--tasks", " , ", "--tasks"),
         ("--include_path", "no-such-folder", "--include_path"),
         ("--device", "cuda:0" if not torch.cuda.is_available() else "tpu", "--device"),
+        ("--quantization", "nf5", "nf5"),
+        ("--quantization", "{mode: nf4, bits: 3}", "bits"),
     ],
 )
 def test_a_bad_option_is_one_sentence(adapter_dir, capsys, option, value, named):
     args = {"--adapter": str(adapter_dir), "--tasks": "qlit_mc", option: value}
     code, err = eval_error(capsys, *[part for pair in args.items() for part in pair])
-    assert code == 1 and named in err and value.strip(" ,") in err
+    assert code == 1 and named in err and (option == "--quantization" or value.strip(" ,") in err)
 
 
 def test_a_task_whose_data_is_unreachable_says_how_to_use_a_local_copy(adapter_dir, capsys):
