@@ -1,5 +1,5 @@
-"""The ``qlit`` command: the Trainer's subcommands through :class:`~qlit.trainer_cli.QlitCLI`, plus ``export`` and
-``compare``, every user error in one sentence.
+"""The ``qlit`` command: the Trainer's subcommands through :class:`~qlit.trainer_cli.QlitCLI`, plus ``export``,
+``eval`` and ``compare``, every user error in one sentence.
 
 Importing this module loads neither PyTorch nor Lightning, so ``qlit --help`` answers at once; a subcommand loads
 what it needs.
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test split (--ckpt_path)",
     "predict": "generate for a split or a prompt file; writes predictions.jsonl",
     "export": "merge a trained adapter into a plain transformers model",
+    "eval": "score a run on lm-evaluation-harness benchmarks (MMLU, HellaSwag, your own tasks)",
     "compare": "runs side by side: a table, CSV and plots",
 }
 
@@ -90,6 +91,11 @@ def main(args: Any = None) -> None:
         print(HELP, end="")
         raise SystemExit(0 if argv else 2)
     _quiet_third_party()
+    if argv[0] == "eval":  # handles its own errors; its --help loads neither PyTorch nor Lightning
+        from qlit.evaluate import main as eval_main
+
+        eval_main(argv[1:])
+        return
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from qlit.errors import QlitError
+from qlit.evaluate import EVAL_PREFIX, STDERR_SUFFIX
 from qlit.metrics import Aggregate, MetricSpec
 from qlit.naming import adapter_name
 from qlit.paths import QLIT_BASE_FILE
@@ -332,7 +333,15 @@ def run_row(run: Run) -> Row:
             continue
         value = run.value(spec.name, spec.aggregate or "last")
         row[spec.name] = round(value) if spec.integer and value is not None else value
+    row.update({tag: run.last(tag) for tag in eval_columns([run])})
     return row
+
+
+def eval_columns(runs: Sequence[Run]) -> list[str]:
+    """The benchmark scores ``qlit eval`` logged (``eval/<task>/<metric>``; lm-eval's tasks, declared by no plug-in),
+    without their standard errors, which stay in TensorBoard and the results JSON."""
+    tags = {tag for run in runs for tag in run.scalars if tag.startswith(EVAL_PREFIX)}
+    return sorted(tag for tag in tags if not tag.endswith(STDERR_SUFFIX))
 
 
 def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False) -> list[Row]:
@@ -348,13 +357,14 @@ def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False
         QlitError: ``sort`` names a column that no run has.
     """
     rows = [run_row(run) for run in runs]
-    present = [c for c in columns() if c == "run" or any(row[c] is not None for row in rows)]
+    names = [*columns(), *eval_columns(runs)]
+    present = [c for c in names if c == "run" or any(row.get(c) is not None for row in rows)]
     if sort is not None:
         if sort not in present:
             raise QlitError(f"Cannot sort by '{sort}', which no run has: use one of {', '.join(present)}.")
-        known = sorted((r for r in rows if r[sort] is not None), key=lambda r: r[sort], reverse=descending)
-        rows = known + [r for r in rows if r[sort] is None]
-    return [{c: row[c] for c in present} for row in rows]
+        known = sorted((r for r in rows if r.get(sort) is not None), key=lambda r: r[sort], reverse=descending)
+        rows = known + [r for r in rows if r.get(sort) is None]
+    return [{c: row.get(c) for c in present} for row in rows]
 
 
 def _format(value: Any) -> str:
