@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "predict": "generate for a split or a prompt file; writes predictions.jsonl",
     "export": "merge a trained adapter into a plain transformers model",
     "compare": "runs side by side: a table, CSV and plots",
+    "sweep": "run a study (strategies × axes), one run per cell, then a report",
 }
 
 HELP = (
@@ -104,6 +105,11 @@ def main(args: Any = None) -> None:
             from qlit.compare import main as compare_main
 
             compare_main(argv[1:])
+            return
+        if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
+            from qlit.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
             return
         from qlit.trainer_cli import QlitCLI
 
