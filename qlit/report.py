@@ -562,16 +562,20 @@ def _metric_vs_memory(
     figure: Any, rows: Sequence[Row], styles: Any, spec: MetricSpec, task: str, out_dir: Path, slug: str
 ) -> Path | None:
     points = [row for row in rows if row.get(spec.name) is not None and row.get("peak_memory_gib") is not None]
-    if len(points) < 2:
+    if len({(row["peak_memory_gib"], row[spec.name]) for row in points}) < 2:  # one point, however many runs
         return None
     fig = figure(figsize=(9, 5.2), layout="constrained")
     ax = fig.subplots()
+    sources = {row.get("peak_memory_of") for row in points} - {None}
+    stacked: dict[tuple[float, float], int] = {}
     for row in points:
         style = styles[row["run"]]
         x, y = row["peak_memory_gib"], row[spec.name]
         ax.plot([x], [y], marker=style["marker"], color=style["color"], markersize=9, linestyle="none")
-        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(7, 5), fontsize="small")
-    sources = {row.get("peak_memory_of") for row in points} - {None}
+        text = row["label"] + (f" ({row.get('peak_memory_of')})" if len(sources) > 1 else "")  # not one quantity
+        place = (round(x, 3), round(y, 4))  # runs on the same spot: their labels one under the other
+        stacked[place] = stacked.get(place, -1) + 1
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, 5 - 11 * stacked[place]), fontsize="small")
     source = ", ".join(sorted(sources)) if sources else "peak"
     ax.set_xlabel(f"peak memory (GiB, {source}), lower is better")
     ax.set_ylabel(_metric_label(spec))
