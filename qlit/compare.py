@@ -450,8 +450,8 @@ def run_row(run: Run) -> Row:
             continue
         value = run.value(spec.name, spec.aggregate or "last")
         row[spec.name] = round(value) if spec.integer and value is not None else value
-    for tag in sorted(t for t in run.scalars if t.startswith(EVAL_PREFIX)):
-        row[tag] = run.last(tag)
+    for tag in sorted(t for t in run.scalars if t.startswith(EVAL_PREFIX) and not t.endswith("_stderr")):
+        row[tag] = run.last(tag)  # the standard errors stay in TensorBoard and qlit eval's results JSON
     return row
 
 

@@ -788,7 +788,11 @@ def _run_cell(study: Study, cell: Cell, runner: Runner, config_path: Path) -> tu
 
 
 def _eval_argv(evaluation: Mapping[str, Any], fit_dir: Path) -> list[str]:
-    argv = ["eval", "--adapter", str(fit_dir / "adapter"), "--tasks", ",".join(evaluation["tasks"])]
+    """``qlit eval`` of the trained cell: its adapter, or (full fine-tuning) its last checkpoint; the scores are
+    logged into the cell's run as ``eval/<task>/<metric>``, which the report shows."""
+    adapter = fit_dir / "adapter"
+    source = adapter if (adapter / "adapter_config.json").is_file() else fit_dir / "checkpoints" / "last.ckpt"
+    argv = ["eval", "--adapter", str(source), "--tasks", ",".join(evaluation["tasks"])]
     if evaluation.get("limit") is not None:
         argv += ["--limit", str(evaluation["limit"])]
     return argv

@@ -360,9 +360,10 @@ def test_no_plot_has_a_degenerate_axis(tmp_path):
 
 
 def test_eval_results_are_columns(tmp_path):
-    run = tb_run(tmp_path, "ev", {}, {"train/loss": [(1, 1.0)], "eval/hellaswag/acc_norm": [(1, 0.25)]})
+    scores = {"eval/hellaswag/acc_norm": [(1, 0.25)], "eval/hellaswag/acc_norm_stderr": [(1, 0.01)]}
+    run = tb_run(tmp_path, "ev", {}, {"train/loss": [(1, 1.0)], **scores})
     (row,) = table(collect_runs([run]))
-    assert row["eval/hellaswag/acc_norm"] == 0.25
+    assert row["eval/hellaswag/acc_norm"] == 0.25 and "eval/hellaswag/acc_norm_stderr" not in row
 
 
 def test_generations_read_back_from_the_text_the_task_logs():

@@ -154,8 +154,13 @@ def test_eval_runs_when_qlit_has_the_subcommand(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.SUBCOMMANDS, "eval", "benchmarks")
     study = load_study(path)
     assert study.eval == {"tasks": ["hellaswag"], "limit": 20}
-    argv = sweep._eval_argv(study.eval, tmp_path / "fit")
-    assert argv == ["eval", "--adapter", str(tmp_path / "fit" / "adapter"), "--tasks", "hellaswag", "--limit", "20"]
+    fit = tmp_path / "fit"
+    ckpt = str(fit / "checkpoints" / "last.ckpt")  # full fine-tuning: no adapter, the checkpoint and its config
+    assert sweep._eval_argv(study.eval, fit) == ["eval", "--adapter", ckpt, "--tasks", "hellaswag", "--limit", "20"]
+    (fit / "adapter").mkdir(parents=True)
+    (fit / "adapter" / "adapter_config.json").write_text("{}")
+    argv = sweep._eval_argv(study.eval, fit)
+    assert argv == ["eval", "--adapter", str(fit / "adapter"), "--tasks", "hellaswag", "--limit", "20"]
     with pytest.raises(QlitError, match="'limit' must be a whole number"):
         load_study(write_study(tmp_path, {"strategies": ["qlora"], "eval": {"tasks": ["x"], "limit": 0}}))
 
@@ -214,6 +219,46 @@ def test_dry_run_lists_the_cells_and_runs_nothing(tmp_path, capsys):
     assert "loha" in out[2] and "[will fail: LoHaConfig cannot train on a nf4 base" in out[2]
     assert out[3].split()[:2] == ["3.", "qlora-r4"] and "QLoRA (NF4 + DQ), r=4" in out[3]
     assert not (tmp_path / "out").exists()
+
+
+# ----- the shipped studies -------------------------------------------------------------------------------------------
+STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+
+
+def test_each_shipped_study_opens_with_its_command_and_has_both_forms():
+    names = {path.stem for path in STUDIES}
+    offline = {name.removesuffix("_offline") for name in names if name.endswith("_offline")}
+    assert len(offline) == 5 and {name for name in names if not name.endswith(("_offline", "_gpu_random"))} == offline
+    assert {"gpt2_techniques_gpu_random", "qwen_sst2_ranks_gpu_random"} <= names
+    for path in STUDIES:
+        assert path.read_text().splitlines()[0] == f"# qlit sweep configs/studies/{path.name}"
+        study = load_study(path)
+        assert study.name == path.stem and study.output == Path("logs/studies") / path.stem
+        models = {cell.config["model"]["init_args"]["pretrained"] for cell in study.cells}
+        if path.stem.endswith("_offline"):  # nothing to download
+            assert all(m.startswith("qlit-tiny/") for m in models), models
+            assert all(cell.config["trainer"]["accelerator"] == "cpu" for cell in study.cells)
+        elif path.stem.endswith("_gpu_random"):
+            assert all(m.startswith("qlit-random/") for m in models), models
+        else:
+            assert not any(m.startswith("qlit-") for m in models), models
+
+
+@pytest.mark.slow
+def test_each_shipped_study_parses(tmp_path):
+    """Every cell of every shipped study is a valid `qlit fit` config; only the pairs peft cannot train are refused."""
+    import torch
+
+    from qlit.sweep import check_cells
+
+    # The README's support matrix: LoHa and LoKr have no 4-bit layer; DoRA loses the 8-bit scales on a CPU.
+    peft_refused = {"loha-nf4", "lokr-nf4"} | (set() if torch.cuda.is_available() else {"dora-int8"})
+    for path in STUDIES:
+        refused = check_cells(load_study(path, output=tmp_path / path.stem))
+        if path.stem.startswith("peft_quantization"):
+            assert set(refused) == peft_refused, refused
+        else:
+            assert refused == {}, (path, refused)
 
 
 # ----- running cells --------------------------------------------------------------------------------------------------
