@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -803,7 +804,7 @@ def sweep(
     *,
     dry_run: bool = False,
     retry_failed: bool = False,
-    echo: Any = print,
+    echo: Any = None,
 ) -> int:
     """Check ``study``, run its unfinished cells and write the report; the exit code (143 when interrupted).
 
@@ -813,6 +814,7 @@ def sweep(
         retry_failed: run the cells that failed before again (by default a failed cell is finished).
         echo: where progress lines go.
     """
+    echo = echo or partial(print, flush=True)  # progress lines as they happen, also through a pipe
     out = study.output
     states = read_state(out) if out.exists() else {}
 
@@ -823,6 +825,7 @@ def sweep(
         return state.status == "done" or (state.status == "failed" and not retry_failed)
 
     todo = [cell for cell in study.cells if not finished(cell)]
+    to_run = {cell.name for cell in todo}
     refused = check_cells(study, todo)  # before any cell runs: a mistake in the last cell stops the first one
     if dry_run:
         echo(_listing(study, states, finished, refused))
@@ -830,18 +833,17 @@ def sweep(
     total = len(study.cells)
     echo(
         f"qlit sweep: {study.name}, {total} cells ({total - len(todo)} finished earlier), output {out}"
-        if todo != study.cells
+        if len(todo) != total
         else f"qlit sweep: {study.name}, {total} cells, output {out}"
     )
     start = time.monotonic()
     ran: list[float] = []
-    code = 0
     with _lock(out), Runner() as runner:
         (out / "cells").mkdir(parents=True, exist_ok=True)
         try:
             for index, cell in enumerate(study.cells, 1):
                 head = f"[{index}/{total}] {cell.name}"
-                if cell not in todo:
+                if cell.name not in to_run:
                     echo(f"{head}: {states[cell.name].status} earlier, skipped")
                     continue
                 config_path = out / "cells" / f"{cell.name}.yaml"
@@ -874,7 +876,7 @@ def sweep(
                 state.seconds, state.finished = time.monotonic() - t0, _now()
                 write_state(out, study, states)
                 ran.append(state.seconds)
-                left = sum(1 for c in todo[todo.index(cell) + 1 :] if c.name not in refused)
+                left = sum(1 for c in study.cells[index:] if c.name in to_run and c.name not in refused)
                 eta = f" · about {_duration(left * sum(ran) / len(ran))} left" if left else ""
                 what = "done" if state.status == "done" else f"failed: {state.reason}"
                 echo(
@@ -892,7 +894,7 @@ def sweep(
         + (f", {failed} failed" if failed else "")
         + f" in {_duration(time.monotonic() - start)}; report: {written[0]}"
     )
-    return code
+    return 0
 
 
 def _write_cell_config(path: Path, config: dict[str, Any]) -> None:
@@ -947,5 +949,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "qlit sweep") -> None:
     except QlitError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # while the study was being checked: no cell had started
+        print(f"{prog}: interrupted before any cell ran", file=sys.stderr)
+        raise SystemExit(130) from None
     if code:
         raise SystemExit(code)

@@ -379,6 +379,10 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
     assert report.startswith("# Study: tiny\n\nA tiny study of the sweep's tests.")
     assert "## SST2 (qlit-samples/sst2)" in report
     assert "- **LoHa on NF4 + DQ** (`loha-nf4`): failed: LoHaConfig cannot train on a nf4 base" in report
+    # `qlit compare --report` on the study's folder writes the same table.
+    assert run_main("compare", str(out), "--report", str(out.parent / "again")) == 0
+    assert (out.parent / "again" / "report.csv").read_text() == (out / "report.csv").read_text()
+
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     for plot in plots:
         assert f"](plots/{plot})" in report
