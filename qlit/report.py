@@ -82,6 +82,7 @@ class Entry:
             ``before-test`` on the untrained model.
         config: the cell's config, for what a run that never started would have been.
         series: the strategy label without axis values: one line of the metric-vs-rank plot.
+        strategy: the study's strategy the cell belongs to.
     """
 
     name: str
@@ -92,6 +93,7 @@ class Entry:
     stages: dict[str, Run] = field(default_factory=dict)
     config: Mapping[str, Any] | None = None
     series: str | None = None
+    strategy: str | None = None
 
 
 # ----- rows ---------------------------------------------------------------------------------------------------------
@@ -125,6 +127,7 @@ def report_rows(entries: Sequence[Entry]) -> list[Row]:
                     row[key] = value
         row["label"] = entry.label or row.get("technique") or entry.name
         row["series"] = entry.series or row.get("technique") or row["label"]
+        row["strategy"] = entry.strategy
         row["status"] = entry.status
         row["reason"] = entry.reason
         rows.append(row)
@@ -260,7 +263,8 @@ def _table(rows: Sequence[Row], spec: MetricSpec) -> str:
     shown: list[tuple[str, str]] = [("label", "technique"), ("run", "run")]
     if any(r["status"] != "done" for r in rows):
         shown.append(("status", "status"))
-    shown += [("rank", "rank"), ("model", "model"), ("steps", "steps"), ("epochs", "epochs")]
+    shown += [("quantization", "quantization"), ("rank", "rank"), ("model", "model")]
+    shown += [("steps", "steps"), ("epochs", "epochs")]
     shown += [(k, _header(k)) for k in ("train/tokens_seen", "params/trainable_ratio", "params/trainable")]
     shown += [(k, _header(k)) for k in ("params/total", "params/weight_gib", "peak_memory_gib", "time/fit_seconds")]
     shown += [(k, _header(k)) for k in ("train/tokens_per_sec", "train/step_time_sec")]
@@ -666,6 +670,7 @@ def study_entries(out_dir: str | Path) -> tuple[dict[str, Any], list[Entry]]:
                 stages=runs,
                 config=config,
                 series=cell.get("series"),
+                strategy=cell.get("strategy"),
             )
         )
     return state, entries
