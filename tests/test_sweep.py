@@ -262,9 +262,10 @@ def test_each_shipped_study_parses(tmp_path):
 
 
 # ----- running cells --------------------------------------------------------------------------------------------------
-# Two cells that train plus one the model refuses. The second trains for a fixed time, so that a SIGTERM reaches it
-# mid-training and its rerun still ends.
+# Two cells that train plus one the model refuses, on SQuAD (a generation task: latency is measured). The second
+# trains for a fixed time, so that a SIGTERM reaches it mid-training and its rerun still ends.
 RUN_STUDY = {
+    "base": str(ROOT / "configs/demo_squad.yaml"),
     "description": "A tiny study of the sweep's tests.",
     "set": {
         "trainer.max_epochs": -1,
@@ -275,11 +276,20 @@ RUN_STUDY = {
         "trainer.num_sanity_val_steps": 0,
         "checkpoint.monitor": None,
         "data.init_args.batch_size": 4,
+        "data.init_args.limit_train_samples": 16,
+        "data.init_args.limit_val_samples": 4,
+        "data.init_args.generate_val_samples": 4,
         "model.init_args.quantization.compute_dtype": "float32",
     },
     "strategies": {
         "full": {"set": {"trainer.max_steps": 2, "model.init_args.optimizer.init_args.lr": 0.0005}},
-        "qlora": {"set": {"trainer.max_time": "00:00:00:20", "model.init_args.adapter.init_args.r": 4}},
+        "qlora": {
+            "set": {
+                "trainer.max_steps": 1000,  # a bound for the schedule; max_time ends the run
+                "trainer.max_time": "00:00:00:20",
+                "model.init_args.adapter.init_args.r": 4,
+            }
+        },
         "loha-nf4": {"from": "loha", "set": {"model.init_args.quantization.mode": "nf4"}},
     },
     "after": ["test"],
@@ -309,7 +319,7 @@ def interrupted_and_rerun(tmp_path_factory):
     study = write_study(tmp, {**RUN_STUDY, "name": "tiny", "output": str(out)})
     first = _sweep(study)
     fit = out / "runs" / "qlora" / "fit"
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1800
     while first.poll() is None and time.monotonic() < deadline and "train/loss" not in scalars(fit):
         time.sleep(0.3)
     first.send_signal(signal.SIGTERM)
@@ -364,8 +374,8 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
         assert row["peak_memory_of"] == "cpu rss"
         ratio = logged["params/trainable"][-1][1] / logged["params/total"][-1][1]
         assert float(row["params/trainable_ratio"]) == pytest.approx(ratio, rel=1e-6)
-        assert float(row["val/accuracy"]) == pytest.approx(logged["val/accuracy"][-1][1])
-        assert float(row["test/accuracy"]) == pytest.approx(tested["test/accuracy"][-1][1])
+        assert float(row["val/f1"]) == pytest.approx(logged["val/f1"][-1][1])
+        assert float(row["test/f1"]) == pytest.approx(tested["test/f1"][-1][1])
         assert float(row["val/latency_ms_mean"]) == pytest.approx(logged["val/latency_ms_mean"][-1][1])
         assert int(row["steps"]) == max(step for series in logged.values() for step, _ in series)
     assert rows["full"]["params/trainable_ratio"] == "1.0" and rows["full"]["technique"] == "full fine-tuning"
@@ -377,7 +387,7 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
 
     report = (out / "report.md").read_text()
     assert report.startswith("# Study: tiny\n\nA tiny study of the sweep's tests.")
-    assert "## SST2 (qlit-samples/sst2)" in report
+    assert "## SQuAD (qlit-samples/squad), model `qlit-tiny/qwen2`" in report
     assert "- **LoHa on NF4 + DQ** (`loha-nf4`): failed: LoHaConfig cannot train on a nf4 base" in report
     # `qlit compare --report` on the study's folder writes the same table.
     assert run_main("compare", str(out), "--report", str(out.parent / "again")) == 0
@@ -386,5 +396,6 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     for plot in plots:
         assert f"](plots/{plot})" in report
-    assert {"val_loss-sst2_qlit_samples_sst2.png", "speed-sst2_qlit_samples_sst2.png"} <= set(plots)
-    assert "val_accuracy_vs_memory-sst2_qlit_samples_sst2.png" in plots
+    assert {"val_loss-squad_qlit_samples_squad.png", "speed-squad_qlit_samples_squad.png"} <= set(plots)
+    assert "val_f1_vs_memory-squad_qlit_samples_squad.png" in plots
+    assert "### Example generations" in report  # SQuAD answers of both runs, side by side
