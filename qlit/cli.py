@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "export": "merge a trained adapter into a plain transformers model",
     "eval": "score a run on lm-evaluation-harness benchmarks (MMLU, HellaSwag, your own tasks)",
     "compare": "runs side by side: a table, CSV and plots",
+    "sweep": "run a study (strategies × axes), one run per cell, then a report",
 }
 
 HELP = (
@@ -110,6 +111,11 @@ def main(args: Any = None) -> None:
             from qlit.compare import main as compare_main
 
             compare_main(argv[1:])
+            return
+        if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
+            from qlit.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
             return
         from qlit.trainer_cli import QlitCLI
 

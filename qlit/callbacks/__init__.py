@@ -19,6 +19,7 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `train/padding_fraction` | ratio | share of processed positions that are padding |
 | `train/samples_per_sec` | samples/s | sequences trained per second, all devices |
 | `train/step_time_sec` | s | wall time of one optimizer step (all its accumulated micro-batches), validation excluded |
+| `train/tokens_seen` | tokens | real tokens trained so far, all devices (warm-up steps included) |
 | `train/model_tflops_per_sec` | TFLOP/s | analytic model FLOPs per second (`qlit.callbacks.flops`), all devices |
 | `train/mfu` | ratio | model FLOP utilisation: `train/model_tflops_per_sec` over the devices' dense bf16 peak |
 | `params/trainable` | parameters | trainable parameters (also in the hyperparameter table) |

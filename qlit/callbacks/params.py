@@ -86,7 +86,7 @@ class TrainableParamsMonitor(Callback):
         MetricSpec("params/trainable_ratio", "ratio", aggregate="last"),
         MetricSpec("params/trainable", "parameters", aggregate="last", integer=True),
         MetricSpec("params/weight_gib", "GiB", higher_is_better=False, aggregate="last"),
-        MetricSpec("params/total", "parameters", aggregate=None, integer=True),
+        MetricSpec("params/total", "parameters", aggregate="last", integer=True),
         MetricSpec("params/bitnet_weight_gib", "GiB", higher_is_better=False, aggregate=None),
         MetricSpec("params/bitnet_bf16_gib", "GiB", aggregate=None),
     )
