@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from qlit.errors import QlitError
@@ -50,12 +51,18 @@ _NOISE = (
 )
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
 def concise_parse_error(message: str) -> str:
     """One sentence from jsonargparse's nested report: the full key of the offending option and what is wrong.
 
     jsonargparse explains a bad value once per candidate type of each enclosing Union (e.g. ``QLitModule | None``);
     only the innermost reason names the user's mistake.
     """
+    # A key can also open mid-line ('... expects a function or a callable class: Parser key "lr":').
+    message = re.sub(r'(?<=\S)\s*(Parser key "[^"]*":)', r"\n\1", message)
+    expected = _expected_value(message)
     keys: list[str] = []
     reasons: list[str] = []
     for raw in message.splitlines():
@@ -72,10 +79,86 @@ def concise_parse_error(message: str) -> str:
             continue
         else:
             reasons.append(line)
-    reason = reasons[-1] if reasons else message.strip().splitlines()[0]
+    reason = expected or (reasons[-1] if reasons else message.strip().splitlines()[0])
     reason = re.sub(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", r"got '\2', expected one of \1", reason)
     key = ".".join(k for k in keys if k)
     return f"{key}: {reason}" if key else reason
+
+
+def _expected_value(message: str) -> str | None:
+    """``got 'abc', expected a number`` from the innermost key's report of a value of the wrong type, else None.
+
+    Types a value merely could have been (``None`` of an optional, the tensor a learning rate may also be) come with
+    reasons of their own ("Expected a dot import path string"), which name no type and are left out.
+    """
+    inner = message.rsplit('Parser key "', 1)[-1]
+    types = [t for t in re.findall(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>", inner) if t != "NoneType"]
+    given = re.search(r"(?:Given value|Got value): (.*?)(?:\. Got value: .*)?$", inner, re.MULTILINE)
+    if not types or given is None:
+        return None
+    words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, f"a {t}") for t in types))
+    return f"got '{given.group(1).strip()}', expected {words}"
+
+
+def _config_file_problem(value: str) -> str | None:
+    """What is wrong with the config file ``value`` (a ``--config`` argument), in one sentence, or None.
+
+    jsonargparse reports a YAML syntax error without the file's name ('in "<unicode string>", line 3') and an empty
+    file as 'Unexpected config'; a config that is not a file path (an inline YAML string) is left to it.
+    """
+    import yaml
+
+    path = Path(value).expanduser()
+    if not path.exists():
+        looks_inline = any(c in value for c in "{}:\n")
+        return None if looks_inline else f"config file '{value}' does not exist."
+    if path.is_dir():
+        return f"config file '{value}' is a directory, not a YAML file."
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"config file '{value}' cannot be read: {getattr(err, 'strerror', None) or err}."
+    try:
+        content = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"config file '{value}' is not valid YAML: {err.problem or err.context}{where}."
+    except yaml.YAMLError as err:
+        return f"config file '{value}' is not valid YAML: {str(err).splitlines()[0]}."
+    if content is None:
+        return f"config file '{value}' is empty: it needs at least one section (trainer:, model:, data:, ...)."
+    if not isinstance(content, dict):
+        kind = type(content).__name__
+        return f"config file '{value}' holds a YAML {kind}, not sections (trainer:, model:, data:, ...)."
+    return None
+
+
+def _config_files_problem(argv: list[str]) -> str | None:
+    """The first ``--config`` file that is missing, unreadable, not YAML or empty, in one sentence, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        problem = _config_file_problem(value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _yaml_file_in(argv: list[str]) -> str | None:
+    """The problem of the first file argument in ``argv`` that is not valid YAML (a YAML file given to any option,
+    e.g. ``--trainer trainer.yaml``), for a parse error that names no file."""
+    for arg in argv:
+        value = arg.partition("=")[2] if arg.startswith("--") else arg
+        if value.endswith((".yaml", ".yml", ".json")) and Path(value).expanduser().is_file():
+            problem = _config_file_problem(value)
+            if problem is not None:
+                return problem.replace("config file", "file", 1)
+    return None
 
 
 def _qlit_error_in(err: BaseException | None) -> QlitError | None:
@@ -117,6 +200,10 @@ def main(args: Any = None) -> None:
 
             sweep_main(argv[1:])
             return
+        problem = _config_files_problem(argv)
+        if problem is not None:  # a usage error, like any other the parser finds
+            print(f"qlit: error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         from qlit.trainer_cli import QlitCLI
 
         QlitCLI(args=args)
@@ -136,5 +223,11 @@ def main(args: Any = None) -> None:
         raise SystemExit(1) from None
     except ArgumentError as err:
         command = "qlit export" if argv[:1] == ["export"] else "qlit"
-        print(f"qlit: error: {concise_parse_error(str(err))} (see `{command} --help`)", file=sys.stderr)
+        message = str(err)
+        if '"<unicode string>"' in message:  # a YAML syntax error in a file given to some option
+            message = _yaml_file_in(argv) or message
+        sentence = concise_parse_error(message)
+        if re.search(r"unrecognized arguments: --(optimizer|lr_scheduler)\b", sentence):
+            sentence += " (the optimizer and its schedule are options of the model: --model.init_args.optimizer...)"
+        print(f"qlit: error: {sentence} (see `{command} --help`)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -21,9 +21,9 @@ from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
 from qlit.models import attention, layers
-from qlit.models.adapters import check_adapter
+from qlit.models.adapters import adapter_base, check_adapter, load_adapter
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
-from qlit.models.loading import load_causal_lm
+from qlit.models.loading import load_causal_lm, same_base
 from qlit.models.quantization import Quantization
 from qlit.naming import adapter_name
 from qlit.optim import WarmupCosineLR
@@ -31,6 +31,10 @@ from qlit.paths import QLIT_BASE_FILE
 from qlit.tasks import Task
 
 log = logging.getLogger(__name__)
+
+#: The key under which a checkpoint records the base it was trained on (:meth:`QLitModule.base_spec`). Not in
+#: ``hyper_parameters``, which Lightning would pass back to the constructor when loading.
+CHECKPOINT_BASE_KEY = "qlit_base"
 
 
 class QLitModule(pl.LightningModule):
@@ -57,6 +61,9 @@ class QLitModule(pl.LightningModule):
             fine-tuning, which needs an unquantized base).
         adapter_path: a trained adapter in peft format (a directory with ``adapter_config.json``) to load onto the
             base instead of creating a new one from ``adapter``: to continue training it, or to evaluate it.
+        allow_base_mismatch: load an adapter (``adapter_path``) or a checkpoint (``--ckpt_path``) that records another
+            base than ``pretrained``; by default that is refused, since adapter weights of matching names and shapes
+            load onto another base without any error and compute nonsense.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
             embeddings, input gradients for checkpointing) — the QLoRA recipe.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute):
@@ -86,6 +93,7 @@ class QLitModule(pl.LightningModule):
         quantization: Quantization = Quantization(),
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
+        allow_base_mismatch: bool = False,
         prepare_kbit: bool = True,
         gradient_checkpointing: bool | int | Literal["auto"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
@@ -104,6 +112,7 @@ class QLitModule(pl.LightningModule):
                     "model.gradient_checkpointing must be true, false, auto or a number of layers (0 or more), got "
                     f"{gradient_checkpointing!r}."
                 )
+        _check_optimizer(optimizer, lr_scheduler)
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
         if adapter is not None:
@@ -121,6 +130,9 @@ class QLitModule(pl.LightningModule):
         self.quantization = quantization
         self.adapter = adapter
         self.adapter_path = adapter_path
+        self.allow_base_mismatch = allow_base_mismatch
+        if adapter_path is not None:
+            self.check_base(adapter_base(adapter_path), f"model.adapter_path '{adapter_path}'")
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -230,12 +242,31 @@ class QLitModule(pl.LightningModule):
             raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
 
     def _load_adapter(self, model: Any) -> Any:
-        from peft import PeftModel
+        adapter_base(self.adapter_path)  # still there, and still an adapter
+        return load_adapter(model, self.adapter_path, self.pretrained)
 
-        path = Path(self.adapter_path).expanduser()
-        if not (path / "adapter_config.json").is_file():
-            raise QlitError(f"model.adapter_path '{self.adapter_path}' holds no adapter_config.json (peft format).")
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    def check_base(self, trained_on: str | None, what: str) -> None:
+        """Refuse weights recorded as trained on another base than ``pretrained`` (unless ``allow_base_mismatch``).
+
+        Args:
+            trained_on: the recorded base (``None``: nothing recorded, nothing to check).
+            what: the weights, as the sentence names them (``checkpoint 'last.ckpt'``).
+        """
+        if trained_on is None or self.allow_base_mismatch or same_base(trained_on, self.pretrained):
+            return
+        raise QlitError(
+            f"{what} was trained on base '{trained_on}', but model.pretrained is '{self.pretrained}': set "
+            f"model.init_args.pretrained to '{trained_on}', or set model.init_args.allow_base_mismatch: true to load "
+            "it onto this base anyway."
+        )
+
+    def check_checkpoint_base(self, checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
+        """:meth:`check_base` for a Lightning checkpoint: its own record, else its run's ``config.yaml``."""
+        recorded = checkpoint.get(CHECKPOINT_BASE_KEY)
+        trained_on = recorded.get("pretrained") if isinstance(recorded, dict) else None
+        if trained_on is None and path is not None:
+            trained_on = _run_config_base(Path(path))
+        self.check_base(trained_on, f"checkpoint '{path}'" if path is not None else "the checkpoint")
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -424,34 +455,45 @@ class QLitModule(pl.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_BASE_KEY] = self.base_spec()
         if not self.has_adapter:
             return
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        self.check_checkpoint_base(checkpoint, path)
+        name = f"checkpoint '{path}'" if path is not None else "the checkpoint"
+        params = dict(self.named_parameters())
+        for key, value in checkpoint["state_dict"].items():
+            if key in params and isinstance(value, torch.Tensor) and value.shape != params[key].shape:
+                raise QlitError(
+                    f"{name} holds '{key}' of shape {tuple(value.shape)}, but this model's is "
+                    f"{tuple(params[key].shape)}: it was written by a run with another adapter or model."
+                )
         if not self.has_adapter:
             return
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise QlitError(
-                f"the checkpoint does not hold this adapter's weights (e.g. '{missing[0]}'): it was written by a run "
+                f"{name} does not hold this adapter's weights (e.g. '{missing[0]}'): it was written by a run "
                 "with another adapter or model."
             )
 
     def on_fit_end(self) -> None:
+        # Every rank asks for the run directory, since trainer.log_dir is a broadcast from rank 0: asked from rank 0
+        # alone (inside a rank-zero-only method) it waits for ranks that never join. Then rank 0 alone writes.
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.save_adapter and self.has_adapter:
-            self._save_adapter()
+            self._save_adapter(log_dir)
         else:
-            self._save_trained()
-
-    def _log_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self._save_trained(log_dir)
 
     @rank_zero_only
-    def _save_trained(self) -> None:
+    def _save_trained(self, log_dir: Path) -> None:
         # A base with a format of its own (BitNet's packed ternary weights) is saved in it, beside its tokenizer.
-        target = self.quantization.backend.save_trained(self.model, self._log_dir())
+        target = self.quantization.backend.save_trained(self.model, log_dir)
         if target is None:
             return
         if self.tokenizer is not None:
@@ -459,8 +501,8 @@ class QLitModule(pl.LightningModule):
         log.info("trained model saved to %s", target)
 
     @rank_zero_only
-    def _save_adapter(self) -> None:
-        target = self._log_dir() / "adapter"
+    def _save_adapter(self, log_dir: Path) -> None:
+        target = log_dir / "adapter"
         self.save_adapter_to(target)
         log.info("adapter saved to %s", target)
 
@@ -488,3 +530,35 @@ def _schedule_plan(scheduler: Any) -> dict[str, Any]:
     if not isinstance(scheduler, WarmupCosineLR):
         return {}
     return {key: getattr(scheduler, key) for key in ("total_steps", "warmup_steps", "min_lr_ratio")}
+
+
+def _check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and its schedule once on a throwaway parameter, so that arguments they refuse (a negative
+    learning rate, betas outside [0, 1)) fail when the config is read, not after the model has loaded."""
+    try:
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise QlitError(f"model.optimizer refuses its arguments: {str(err).strip().splitlines()[0]}.") from None
+    if lr_scheduler is None:
+        return
+    try:
+        lr_scheduler(probe)
+    except (ValueError, TypeError) as err:
+        raise QlitError(f"model.lr_scheduler refuses its arguments: {str(err).strip().splitlines()[0]}.") from None
+
+
+def _run_config_base(checkpoint: Path) -> str | None:
+    """The base named by the ``config.yaml`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``):
+    the record of checkpoints written before they held their own."""
+    import yaml
+
+    config = checkpoint.parent.parent / "config.yaml"
+    if checkpoint.parent.name != "checkpoints" or not config.is_file():
+        return None
+    try:
+        model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    init = model.get("init_args", model) if isinstance(model, dict) else {}
+    pretrained = init.get("pretrained") if isinstance(init, dict) else None
+    return pretrained if isinstance(pretrained, str) else None

@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from qlit.callbacks import ALWAYS_ON
 from qlit.checkpoint_io import AtomicCheckpointIO
 from qlit.data.base import QLitDataModule
-from qlit.module import QLitModule
+from qlit.errors import QlitError
+from qlit.module import CHECKPOINT_BASE_KEY, QLitModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="qlit"),
 }
+
+#: Trainer options that Lightning accepts below these values and then fails on mid-run (accumulating over 0 batches
+#: divides by zero) or silently misuses (a negative clipping norm flips every gradient): (option, smallest allowed).
+#: Lightning checks max_steps, max_epochs and the limit_*_batches itself.
+TRAINER_LEAST: tuple[tuple[str, float], ...] = (
+    ("accumulate_grad_batches", 1),
+    ("check_val_every_n_epoch", 1),
+    ("log_every_n_steps", 0),
+    ("num_sanity_val_steps", -1),
+    ("min_epochs", 0),
+    ("min_steps", 0),
+    ("gradient_clip_val", 0),
+)
+
+#: What a run directory holds before its first batch: removed again when the run fails that early.
+_SET_UP_FILES = ("config.yaml", "hparams.yaml")
 
 
 class QlitCLI(LightningCLI):
@@ -53,9 +73,143 @@ class QlitCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def before_instantiate_classes(self) -> None:
+        trainer = self._get(self.config, "trainer")
+        for option, least in TRAINER_LEAST:
+            value = trainer.get(option)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < least:
+                raise QlitError(f"trainer.{option} must be {least} or more, got {value}.")
+        interval = trainer.get("val_check_interval")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+            raise QlitError(f"trainer.val_check_interval must be above 0, got {interval}.")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # Atomic writes and weights_only loads, unless the config chose its own CheckpointIO plugin.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self._started = _Started()
+        trainer.callbacks.append(self._started)
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint here (for hyper-parameters, which qlit checkpoints do not hold): a file
+        # that cannot be read would end the parse in torch's traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._ckpt_base = read_ckpt_path(ckpt_path, subcommand) if ckpt_path is not None else None
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        check_base = getattr(self.model, "check_checkpoint_base", None)
+        if self._ckpt_base is not None and callable(check_base):
+            check_base(self._ckpt_base, self._get(self.config_init, "ckpt_path"))
+        run_dir = _new_run_dir(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # A run that fails before its first batch (a model that does not load, a checkpoint that does not fit)
+            # leaves no run directory behind: it would hold nothing but its config, and show up among real runs.
+            if run_dir is not None and not self._started.started:
+                _remove_unstarted(*run_dir)
+            raise
+
+
+class _Started(Callback):
+    """Whether this process has run a batch of training, validation (past the sanity check), test or predict."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.started = True
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self.started = self.started or not trainer.sanity_checking
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self.started = True
+
+    def on_predict_batch_end(self, *args: Any) -> None:
+        self.started = True
+
+
+def _new_run_dir(trainer: Trainer) -> tuple[Path, Path] | None:
+    """The run directory this run is about to create, and its nearest folder that exists already; ``None`` where it
+    exists already, is shared (loggers without versioned folders), or belongs to another rank to handle."""
+    if (
+        trainer.global_rank != 0
+        or not trainer.loggers
+        or not isinstance(trainer.loggers[0], TensorBoardLogger | CSVLogger)
+    ):
+        return None
+    run_dir = Path(trainer.loggers[0].log_dir).absolute()
+    if run_dir.exists():
+        return None
+    existing = next(parent for parent in run_dir.parents if parent.exists())
+    return run_dir, existing
+
+
+def _remove_unstarted(run_dir: Path, existing: Path) -> None:
+    """Remove ``run_dir`` if it holds only what set-up writes (config, hparams, event files), then the folders above
+    it up to ``existing`` that are left empty."""
+    if not run_dir.is_dir():
+        return
+    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    if any(p.name not in _SET_UP_FILES and not p.name.startswith("events.out.tfevents.") for p in files):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if parent == existing or not parent.is_relative_to(existing):
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+
+
+#: ckpt_path values that Lightning resolves itself rather than reading as a file.
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
+
+def read_ckpt_path(ckpt_path: Any, subcommand: str) -> dict[str, Any] | None:
+    """Refuse, before any run directory or weight exists, a ``ckpt_path`` that cannot be loaded by ``subcommand``;
+    return what it records of its base (the part of the checkpoint ``QLitModule.check_checkpoint_base`` reads).
+
+    The checkpoint is memory-mapped, so its tensors are not read: checking a large one costs little.
+    """
+    name = str(ckpt_path)
+    if name in _LIGHTNING_CKPT_NAMES or name.startswith("registry") or "://" in name:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise QlitError(f"ckpt_path '{name}' does not exist.")
+    if path.is_dir():
+        inside = next((c for c in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()), None)
+        hint = f"did you mean '{inside}'?" if inside else "give one of the .ckpt files in it."
+        raise QlitError(f"ckpt_path '{name}' is a directory, not a checkpoint file: {hint}")
+    checkpoint = _read_checkpoint(path, name)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise QlitError(
+            f"ckpt_path '{name}' is not a Lightning checkpoint (it holds no state_dict); a trained adapter in peft "
+            "format is loaded with model.init_args.adapter_path."
+        )
+    if subcommand == "fit" and "optimizer_states" not in checkpoint:
+        raise QlitError(
+            f"ckpt_path '{name}' holds weights only (no optimizer state), so fit cannot resume from it: evaluate it "
+            "with validate, test or predict."
+        )
+    return {CHECKPOINT_BASE_KEY: checkpoint[CHECKPOINT_BASE_KEY]} if CHECKPOINT_BASE_KEY in checkpoint else {}
+
+
+def _read_checkpoint(path: Path, name: str) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+    except Exception as err:  # torch.load's failures have no common type: zip, unpickling, EOF, OS errors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QlitError(f"ckpt_path '{name}' cannot be read as a checkpoint (truncated or not one): {reason}") from None

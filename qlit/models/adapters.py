@@ -9,10 +9,14 @@ refusals that depend on how the base is stored are its quantization backend's (`
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from qlit.errors import QlitError
+from qlit.models.loading import is_hub_id
 from qlit.models.quantization import Quantization
+from qlit.paths import QLIT_BASE_FILE
 
 _CAUSAL_LM = "CAUSAL_LM"
 
@@ -45,3 +49,50 @@ def _unsupported_reason(adapter: Any, quantization: Quantization, *, gradient_ch
         # peft refuses this pair itself, but only in get_peft_model, after the weights have loaded.
         return "PrefixTuningConfig does not work with gradient checkpointing: set gradient_checkpointing to false."
     return quantization.backend.adapter_refusal(adapter)
+
+
+def adapter_base(adapter_path: str) -> str | None:
+    """The base model the adapter in ``adapter_path`` (peft format) was trained on, or ``None`` if unrecorded.
+
+    qlit writes its record, ``qlit_base.json``, beside every adapter it saves. For an adapter trained elsewhere,
+    peft's ``base_model_name_or_path`` counts when it is a hub id: a path there names a folder on the machine the
+    adapter was trained on, which says nothing about this one.
+    """
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise QlitError(f"model.adapter_path '{adapter_path}' holds no adapter_config.json (peft format).")
+    record = path / QLIT_BASE_FILE
+    if record.is_file():
+        return _read_json(record).get("pretrained") or None
+    name = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+    return name if isinstance(name, str) and is_hub_id(name) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QlitError(f"'{path}' cannot be read as JSON ({str(err).splitlines()[0]}).") from None
+    if not isinstance(value, dict):
+        raise QlitError(f"'{path}' holds a JSON {type(value).__name__}, not an object.")
+    return value
+
+
+def load_adapter(model: Any, adapter_path: str, pretrained: str) -> Any:
+    """``model`` with the trained adapter in ``adapter_path`` loaded onto it, trainable; one sentence if it does not
+    fit (modules the base lacks, or weights of other shapes)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(Path(adapter_path).expanduser()), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = _reason(err)
+        raise QlitError(f"model.adapter_path '{adapter_path}' does not fit base '{pretrained}': {reason}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The line of a peft/torch loading error that names the mismatch (torch puts it after a header line)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    reason = (named or lines or [type(err).__name__])[0]
+    return reason if reason.endswith(".") else reason + "."

@@ -1,7 +1,9 @@
-"""Loading a Hugging Face causal LM and its tokenizer from a hub id, a local directory or a ``qlit-tiny/`` name."""
+"""Loading a Hugging Face causal LM and its tokenizer from a hub id, a local directory or a ``qlit-tiny/`` name;
+telling whether two names are the same base."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,25 @@ def resolve_pretrained(name: str) -> str:
             raise QlitError(f"Model directory '{name}' does not exist or holds no config.json.")
         return str(path)
     return name
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name the same base model: equal hub ids or tiny names, or the same local folder."""
+    return _base_key(a) == _base_key(b)
+
+
+def _base_key(name: str) -> str:
+    if not is_tiny(name) and looks_local(name):
+        return str(Path(name).expanduser().resolve())
+    return name.rstrip("/")
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id (``org/name`` or ``name``) rather than of a path."""
+    return _HUB_ID.fullmatch(name) is not None and not name.startswith(".")
 
 
 def _hub_error(name: str, what: str, err: Exception) -> QlitError:
