@@ -37,8 +37,12 @@ HELP = (
 
 
 def _quiet_third_party() -> None:
+    """Settings the libraries read when they are imported (README, "The console"); the rest is
+    :func:`qlit.trainer_cli.quiet_console`."""
     warnings.filterwarnings("ignore", message=".*loftq_config.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets draws a bar for every split it converts and caches (seconds, even for a large dataset's cache).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 _NOISE = (
@@ -204,8 +208,9 @@ def main(args: Any = None) -> None:
         if problem is not None:  # a usage error, like any other the parser finds
             print(f"qlit: error: {problem}", file=sys.stderr)
             raise SystemExit(2)
-        from qlit.trainer_cli import QlitCLI
+        from qlit.trainer_cli import QlitCLI, quiet_console
 
+        quiet_console()
         QlitCLI(args=args)
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union

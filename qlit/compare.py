@@ -27,7 +27,7 @@ import yaml
 
 from qlit.errors import QlitError
 from qlit.evaluate import EVAL_PREFIX, STDERR_SUFFIX
-from qlit.metrics import Aggregate, MetricSpec
+from qlit.metrics import LM_METRICS, Aggregate, MetricSpec
 from qlit.naming import adapter_name
 from qlit.paths import QLIT_BASE_FILE
 
@@ -39,11 +39,7 @@ Row = dict[str, Any]
 _IDENTITY = ("run", "task", "technique", "model", "quantization", "adapter", "rank", "steps", "epochs")
 
 #: What the module logs for every task, shown after the costs and before the task's own metrics.
-_LM_METRICS = (
-    MetricSpec("train/loss", "nats/token", higher_is_better=False),
-    MetricSpec("val/loss", "nats/token", higher_is_better=False),
-    MetricSpec("val/perplexity", "", higher_is_better=False),
-)
+_LM_METRICS = LM_METRICS
 
 _STAGE_PREFIXES = ("val/", "test/", "predict/")
 

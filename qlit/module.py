@@ -18,7 +18,6 @@ from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
-from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
 from qlit.models import attention, layers
 from qlit.models.adapters import adapter_base, check_adapter, load_adapter
@@ -148,6 +147,8 @@ class QLitModule(pl.LightningModule):
         self.tokenizer: Any = None
         #: Timing of the latest ``generate`` call, read by the latency callback in ``predict``.
         self.last_generation: dict[str, float] | None = None
+        #: Where the end of ``fit`` saved the adapter (or a base in its own format), on rank 0; ``None`` if nowhere.
+        self.saved_to: Path | None = None
         self._ranks_updated_at = 0
         # Checkpoints hold only what trains: a frozen (possibly 4-bit) base is reloaded from `pretrained`.
         self.strict_loading = not self.has_adapter
@@ -322,15 +323,10 @@ class QLitModule(pl.LightningModule):
         out = self(batch)
         # Token-weighted, so the epoch loss is the mean over every answer token, as perplexity is defined.
         loss_metric.update(out.loss.detach().float(), weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        step: dict[str, Any] = {"loss": out.loss.detach()}
-
-        def generate(b: dict[str, Any]) -> list[str]:
-            texts, stats = self.generate(b)
-            step[GENERATION_KEY] = stats
-            return texts
-
-        self.task.update(metrics, batch, out.logits, generate)
-        return step
+        # The latency callback times a fixed probe of its own: the task's generations (its rows, its lengths) are not
+        # comparable across tasks and techniques.
+        self.task.update(metrics, batch, out.logits, lambda b: self.generate(b)[0])
+        return {"loss": out.loss.detach()}
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_loss, self.val_metrics)
@@ -498,12 +494,14 @@ class QLitModule(pl.LightningModule):
             return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(target))
+        self.saved_to = target
         log.info("trained model saved to %s", target)
 
     @rank_zero_only
     def _save_adapter(self, log_dir: Path) -> None:
         target = log_dir / "adapter"
         self.save_adapter_to(target)
+        self.saved_to = target
         log.info("adapter saved to %s", target)
 
     def save_adapter_to(self, directory: str | Path) -> None:

@@ -71,7 +71,7 @@ class TokenThroughputMonitor(Callback):
 
     metric_specs = (
         # The median over the run: the first steps (warm-up, compilation) do not skew it.
-        MetricSpec("train/tokens_per_sec", "tokens/s", higher_is_better=True, aggregate="median"),
+        MetricSpec("train/tokens_per_sec", "tokens/s", higher_is_better=True, aggregate="median", study=True),
         MetricSpec("train/padded_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
         MetricSpec("train/padding_fraction", "ratio", higher_is_better=False, aggregate=None),
         MetricSpec("train/samples_per_sec", "samples/s", higher_is_better=True, aggregate=None),
