@@ -215,6 +215,12 @@ class QLitModule(pl.LightningModule):
         # Padded batches (validation, generation) go through SDPA inside the varlen implementation too.
         return attention.register() if attention.varlen_available(device) else "sdpa"
 
+    def _attention_dropout(self) -> float:
+        from qlit.models.loading import load_config
+
+        config = load_config(self.pretrained, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        return attention.attention_dropout(config)
+
     def _attach_adapter(self, model: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -284,7 +290,9 @@ class QLitModule(pl.LightningModule):
             # Packing pays where the variable-length kernel runs; elsewhere a packed row's attention is a dense
             # (tokens × tokens) mask, slower than padded rows (twice the demo's time on two CPU cores).
             varlen = self._attention(self.trainer.strategy.root_device) == attention.VARLEN
-            datamodule.packing_default = varlen and not prompt_learning
+            # Nor where the model trains with attention dropout, which the kernel lacks (GPT-2): the packed row
+            # would go through the dense mask.
+            datamodule.packing_default = varlen and not prompt_learning and not self._attention_dropout()
         self.task = getattr(datamodule, "task", Task())
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         # Submodules built here are moved to the device with the rest of the module by the strategy.
