@@ -95,8 +95,8 @@ def test_a_model_with_attention_dropout_is_not_packed_by_default_and_trains_pack
     from helpers import ROOT, run_cli, scalars
 
     common = [
-        "fit", "--config", str(ROOT / "configs/demo_codesearchnet.yaml"), "--model.init_args.pretrained", "qlit-tiny/gpt2",
-        "--trainer.accelerator", "gpu",
+        "fit", "--config", str(ROOT / "configs/demo_codesearchnet.yaml"),
+        "--model.init_args.pretrained", "qlit-tiny/gpt2", "--trainer.accelerator", "gpu",
         "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
         "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
