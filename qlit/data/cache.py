@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from qlit.data.files import first_line
 from qlit.io import atomic_dir, content_hash, discard, remove_stale
 from qlit.paths import cache_root
 
@@ -82,7 +83,7 @@ def load(folder: Path) -> tuple[Any, dict[str, int]] | None:
             stats = json.loads((folder / _STATS_FILE).read_text())
             return datasets.load_from_disk(str(folder)), {str(k): int(v) for k, v in stats.items()}
         except Exception as err:  # verified bytes that this `datasets` cannot read (written by another version)
-            problem = f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            problem = f"unreadable: {first_line(err)}"
     _warn("Tokenised cache %s is damaged (%s): rebuilding it.", folder, problem)
     discard(folder)
     return None
@@ -92,16 +93,20 @@ def save(folder: Path, encoded: Any, skipped: Mapping[str, int]) -> Any:
     """Write a tokenised split (a ``datasets.Dataset``) and its skipped-row counts; return it read back."""
     import datasets
 
-    # Another rank may be writing the same split: the first one to finish wins, the content is the same.
-    with atomic_dir(folder, replace=False) as staging:
-        encoded.save_to_disk(str(staging))
-        (staging / _STATS_FILE).write_text(json.dumps(dict(skipped)))
-        checksums = {
-            str(path.relative_to(staging)): {"size": path.stat().st_size, "xxh3_128": content_hash(path)}
-            for path in sorted(staging.rglob("*"))
-            if path.is_file()
-        }
-        (staging / _CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
+    try:
+        # Another rank may be writing the same split: the first one to finish wins, the content is the same.
+        with atomic_dir(folder, replace=False) as staging:
+            encoded.save_to_disk(str(staging))
+            (staging / _STATS_FILE).write_text(json.dumps(dict(skipped)))
+            checksums = {
+                str(path.relative_to(staging)): {"size": path.stat().st_size, "xxh3_128": content_hash(path)}
+                for path in sorted(staging.rglob("*"))
+                if path.is_file()
+            }
+            (staging / _CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
+    except OSError as err:  # a full disk, a read-only cache: the cache saves time, the run does not need it
+        _warn("Tokenised cache %s not written (%s): this run goes on without it.", folder, first_line(err))
+        return encoded
     return datasets.load_from_disk(str(folder))
 
 

@@ -3,11 +3,13 @@ damaged folder is rebuilt with one line, never read; killed runs' staging folder
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
 from pathlib import Path
 
+import datasets
 import pytest
 from data_helpers import sample_rows, write_jsonl
 from helpers import ROOT, cli_args, run_main
@@ -118,6 +120,22 @@ def test_an_edit_that_keeps_size_and_modification_time_is_read(tmp_path, qlit_ca
     third = SST2DataModule(**options)
     third.setup("fit")
     assert third.cache_hits == 2
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_the_run_goes_on(qlit_cache, caplog, monkeypatch):
+    def full_disk(self, path, *args, **kwargs):
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"\0" * 100)  # part of it written, then no room
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
+    dm = SST2DataModule(tokenizer=GPT2, path="qlit-samples/sst2", limit_val_samples=4)
+    with caplog.at_level(logging.WARNING, logger="qlit.data.cache"):
+        dm.setup("validate")
+    assert len(dm.datasets["validation"]) == 4
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "qlit.data.cache"]
+    assert line.startswith(f"Tokenised cache {qlit_cache / 'tokenized'}/SST2DataModule-")
+    assert line.endswith(" not written (OSError: [Errno 28] No space left on device): this run goes on without it.")
+    assert list((qlit_cache / "tokenized").iterdir()) == []  # nothing half-written stays
 
 
 def _dead_pid() -> int:
