@@ -158,7 +158,22 @@ def main_metric(rows: Sequence[Row]) -> MetricSpec:
     for spec in task_metrics():
         if spec.main and any(row.get(spec.name) is not None for row in rows):
             return spec
-    return MetricSpec("val/perplexity", "", higher_is_better=False)
+    return _PERPLEXITY
+
+
+_PERPLEXITY = MetricSpec("val/perplexity", "", higher_is_better=False)
+
+
+def plotted_metric(rows: Sequence[Row]) -> MetricSpec:
+    """The metric a group's plots show: its main metric, unless every finished run has the same value (BLEU 0 for
+    every run of a tiny model) and the perplexity does differ; a flat axis would show nothing."""
+    spec = main_metric(rows)
+    done = [row for row in rows if row["status"] == "done"]
+
+    def varies(name: str) -> bool:
+        return len({row.get(name) for row in done if row.get(name) is not None}) > 1
+
+    return _PERPLEXITY if not varies(spec.name) and varies(_PERPLEXITY.name) else spec
 
 
 def groups(rows: Sequence[Row]) -> dict[str, list[Row]]:
@@ -242,6 +257,10 @@ def to_report_markdown(
         models = {row.get("model") for row in group} - {None}
         model = f", model `{models.pop()}`" if len(models) == 1 else ""
         lines += [f"## {task}{model}", "", _table(group, spec), ""]
+        plotted = plotted_metric(group)
+        if plotted.name != spec.name:
+            same = {row.get(spec.name) for row in group if row["status"] == "done"}
+            lines += [f"{spec.name} is {_format(same.pop())} for every run: the plots show {plotted.name}.", ""]
         failed = [row for row in group if row["status"] != "done"]
         if failed:
             lines += ["Not done:", ""]
@@ -335,7 +354,7 @@ def _column_notes(rows: Sequence[Row]) -> list[str]:
         "## Columns",
         "",
         '`report.csv` holds every column at full precision, named as the metrics are logged (README, "What is '
-        'logged"). trainable: trainable / total parameters. weights GiB: storage of the parameters (4-bit scales '
+        'logged"). trainable: trainable / total parameters. weights: storage of the parameters (4-bit scales '
         "included). train time: the whole fit, model loading included. tokens/s and s/step: medians over the run "
         "(validation excluded). The task's metrics, loss and perplexity: the last validation of the trained model. "
         "latency: mean per-sample time of a greedy `generate` in validation. `before:` the untrained model (the base, "
@@ -390,8 +409,11 @@ def _uncode(block: str) -> str:
 
 
 def _inline(text: str, limit: int) -> str:
+    """One line of Markdown code; a long text keeps its start and its end (a prompt's question comes last)."""
     text = " ⏎ ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or "(empty)"
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) > limit:
+        head = limit // 3
+        text = text[:head] + " … " + text[len(text) - (limit - head - 3) :]
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
@@ -426,7 +448,7 @@ def plot_report(entries: Sequence[Entry], rows: Sequence[Row], out_dir: Path) ->
     for task, group in groups(rows).items():
         slug = _slug(task)
         done = [row for row in group if row["status"] == "done"]
-        spec = main_metric(group)
+        spec = plotted_metric(group)
         for tag in ("val/loss", "train/loss"):
             target = out_dir / f"{tag.split('/')[0]}_loss-{slug}.png"
             path = _loss_curves(figure, done, by_name, styles, tag, task, target)
@@ -571,15 +593,14 @@ def _metric_vs_memory(
     fig = figure(figsize=(9, 5.2), layout="constrained")
     ax = fig.subplots()
     sources = {row.get("peak_memory_of") for row in points} - {None}
-    stacked: dict[tuple[float, float], int] = {}
-    for row in points:
+    xs, ys = [row["peak_memory_gib"] for row in points], [row[spec.name] for row in points]
+    # Peaks of different kinds (GPU allocated, CPU resident) are not one quantity: each label says its own.
+    texts = [row["label"] + (f" ({row.get('peak_memory_of')})" if len(sources) > 1 else "") for row in points]
+    for row, x, y, text, offset in zip(points, xs, ys, texts, _label_offsets(xs, ys, texts), strict=True):
         style = styles[row["run"]]
-        x, y = row["peak_memory_gib"], row[spec.name]
         ax.plot([x], [y], marker=style["marker"], color=style["color"], markersize=9, linestyle="none")
-        text = row["label"] + (f" ({row.get('peak_memory_of')})" if len(sources) > 1 else "")  # not one quantity
-        place = (round(x, 3), round(y, 4))  # runs on the same spot: their labels one under the other
-        stacked[place] = stacked.get(place, -1) + 1
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, 5 - 11 * stacked[place]), fontsize="small")
+        leader = {"arrowstyle": "-", "color": "0.55", "linewidth": 0.6} if offset[1] != 5 else None
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize="small", arrowprops=leader)
     source = ", ".join(sorted(sources)) if sources else "peak"
     ax.set_xlabel(f"peak memory (GiB, {source}), lower is better")
     ax.set_ylabel(_metric_label(spec))
@@ -627,14 +648,45 @@ def _speed(
     return path
 
 
+def _label_offsets(xs: Sequence[float], ys: Sequence[float], texts: Sequence[str]) -> list[tuple[int, int]]:
+    """Where each point's label goes (in points from the point): to its right at the first height where it covers
+    neither a label already placed nor another point. Positions are estimated on the plot's data area (about
+    560 × 320 points between the margins), with 6 points per character and labels 9 points high."""
+    slots = [5, -13, 17, -25, 29, -37, 41, -49, 53, -61]
+
+    def scaled(values: Sequence[float], size: float) -> list[float]:
+        lo, hi = min(values), max(values)
+        return [size * (v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
+
+    px, py = scaled(xs, 560), scaled(ys, 320)
+    boxes: list[tuple[float, float, float]] = []  # left, right, bottom of each placed label
+
+    def free(i: int, dy: int) -> bool:
+        left, right, bottom = px[i] + 7, px[i] + 7 + 6 * len(texts[i]), py[i] + dy
+        labels = all(r <= left or right <= lo or abs(bottom - b) >= 11 for lo, r, b in boxes)
+        points = all(
+            j == i or not (left - 6 <= px[j] <= right and bottom - 5 < py[j] < bottom + 14) for j in range(len(xs))
+        )
+        return labels and points
+
+    out: dict[int, tuple[int, int]] = {}
+    for i in sorted(range(len(xs)), key=lambda i: (px[i], py[i])):
+        dy = next((d for d in slots if free(i, d)), next((d for d in slots if all(
+            abs(py[i] + d - b) >= 11 for *_, b in boxes)), slots[0]))  # fmt: skip
+        boxes.append((px[i] + 7, px[i] + 7 + 6 * len(texts[i]), py[i] + dy))
+        out[i] = (7, dy)
+    return [out[i] for i in range(len(xs))]
+
+
 def _not_flat(ax: Any, values: Sequence[float], axis: str = "y") -> None:
     """An axis whose values are all equal gets a visible range around them instead of a degenerate one."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite or max(finite) != min(finite):
         return
     v = finite[0]
-    pad = abs(v) * 0.1 or 1.0
-    (ax.set_ylim if axis == "y" else ax.set_xlim)(v - pad, v + pad)
+    pad = abs(v) * 0.1 or 0.1
+    low = v - pad if v - pad >= 0 or v < 0 else 0.0  # a non-negative metric keeps a non-negative axis
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(low, v + pad)
 
 
 # ----- a study's entries --------------------------------------------------------------------------------------------

@@ -397,5 +397,6 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
     for plot in plots:
         assert f"](plots/{plot})" in report
     assert {"val_loss-squad_qlit_samples_squad.png", "speed-squad_qlit_samples_squad.png"} <= set(plots)
-    assert "val_f1_vs_memory-squad_qlit_samples_squad.png" in plots
+    # F1 against memory, or perplexity where every run's F1 is the same (a tiny random model's is 0).
+    assert any(p.endswith("_vs_memory-squad_qlit_samples_squad.png") for p in plots)
     assert "### Example generations" in report  # SQuAD answers of both runs, side by side
