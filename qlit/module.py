@@ -137,7 +137,7 @@ class QLitModule(pl.LightningModule):
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.compile = compile
+        self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
         #: Decoder layers recomputed in the backward pass when only some are (``auto`` or a number).
         self.checkpointed_layers: int | None = None
         self.max_new_tokens = max_new_tokens
@@ -204,7 +204,7 @@ class QLitModule(pl.LightningModule):
             self.checkpointed_layers = layers.checkpoint_first(self.model, layers.auto_checkpointed(self.model, fused))
         elif not isinstance(self.gradient_checkpointing, bool):
             self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
-        if self.compile:
+        if self.compile_layers:
             layers.compile_layers(self.model)
 
     def _attention(self, device: torch.device) -> str | None:
