@@ -1,5 +1,5 @@
-"""The ``qlit`` command: the Trainer's subcommands through :class:`~qlit.trainer_cli.QlitCLI`, plus ``export`` and
-``compare``, every user error in one sentence.
+"""The ``qlit`` command: the Trainer's subcommands through :class:`~qlit.trainer_cli.QlitCLI`, plus ``export``,
+``eval`` and ``compare``, every user error in one sentence.
 
 Importing this module loads neither PyTorch nor Lightning, so ``qlit --help`` answers at once; a subcommand loads
 what it needs.
@@ -22,7 +22,9 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test split (--ckpt_path)",
     "predict": "generate for a split or a prompt file; writes predictions.jsonl",
     "export": "merge a trained adapter into a plain transformers model",
+    "eval": "score a run on lm-evaluation-harness benchmarks (MMLU, HellaSwag, your own tasks)",
     "compare": "runs side by side: a table, CSV and plots",
+    "sweep": "run a study (strategies × axes), one run per cell, then a report",
 }
 
 HELP = (
@@ -35,8 +37,12 @@ HELP = (
 
 
 def _quiet_third_party() -> None:
+    """Settings the libraries read when they are imported (README, "The console"); the rest is
+    :func:`qlit.trainer_cli.quiet_console`."""
     warnings.filterwarnings("ignore", message=".*loftq_config.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets draws a bar for every split it converts and caches (seconds, even for a large dataset's cache).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 _NOISE = (
@@ -173,6 +179,11 @@ def main(args: Any = None) -> None:
         print(HELP, end="")
         raise SystemExit(0 if argv else 2)
     _quiet_third_party()
+    if argv[0] == "eval":  # handles its own errors; its --help loads neither PyTorch nor Lightning
+        from qlit.evaluate import main as eval_main
+
+        eval_main(argv[1:])
+        return
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -188,12 +199,18 @@ def main(args: Any = None) -> None:
 
             compare_main(argv[1:])
             return
+        if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
+            from qlit.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
+            return
         problem = _config_files_problem(argv)
         if problem is not None:  # a usage error, like any other the parser finds
             print(f"qlit: error: {problem}", file=sys.stderr)
             raise SystemExit(2)
-        from qlit.trainer_cli import QlitCLI
+        from qlit.trainer_cli import QlitCLI, quiet_console
 
+        quiet_console()
         QlitCLI(args=args)
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union

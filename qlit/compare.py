@@ -18,7 +18,7 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from qlit.errors import QlitError
-from qlit.metrics import Aggregate, MetricSpec
+from qlit.evaluate import EVAL_PREFIX, STDERR_SUFFIX
+from qlit.metrics import LM_METRICS, Aggregate, MetricSpec
 from qlit.naming import adapter_name
 from qlit.paths import QLIT_BASE_FILE
 
@@ -34,15 +35,11 @@ EVENTS_PREFIX = "events.out.tfevents."
 
 Row = dict[str, Any]
 
-#: The identity columns of a row, first in the table.
-_IDENTITY = ("run", "model", "quantization", "adapter")
+#: The identity columns of a row, first in the table: which run, what it trained on, the technique, and how long.
+_IDENTITY = ("run", "task", "technique", "model", "quantization", "adapter", "rank", "steps", "epochs")
 
 #: What the module logs for every task, shown after the costs and before the task's own metrics.
-_LM_METRICS = (
-    MetricSpec("train/loss", "nats/token", higher_is_better=False),
-    MetricSpec("val/loss", "nats/token", higher_is_better=False),
-    MetricSpec("val/perplexity", "", higher_is_better=False),
-)
+_LM_METRICS = LM_METRICS
 
 _STAGE_PREFIXES = ("val/", "test/", "predict/")
 
@@ -60,12 +57,14 @@ class Run:
         name: Its label in tables and plots (``<name>/version_N``, longer where that would be ambiguous).
         hparams: The hyperparameters (``pretrained``, ``quantization``, ``adapter``, ``params/*``, ...).
         scalars: Every scalar series: tag → ``[(step, value)]`` in the order they were written.
+        texts: The last text of each text tag (``val/samples``: prompts, generations and references).
     """
 
     path: Path
     name: str
     hparams: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
 
     def last(self, tag: str) -> float | None:
         """The value of ``tag`` written last, or ``None`` where the run never logged it."""
@@ -177,7 +176,27 @@ def read_run(run_dir: str | Path) -> Run:
     hparams: dict[str, Any] = {}
     for source in (_qlit_base_hparams(run_dir), _config_hparams(run_dir), _yaml_hparams(run_dir), _plugin_hparams(acc)):
         hparams.update({k: v for k, v in source.items() if v is not None})
-    return Run(path=run_dir, name=f"{run_dir.parent.name}/{run_dir.name}", hparams=hparams, scalars=scalars)
+    name = f"{run_dir.parent.name}/{run_dir.name}"
+    return Run(path=run_dir, name=name, hparams=hparams, scalars=scalars, texts=_texts(acc))
+
+
+def _texts(acc: Any) -> dict[str, str]:
+    """The last value of each text summary (TensorBoard keeps the last one of a tag's reservoir)."""
+    from tensorboard.util import tensor_util
+
+    out: dict[str, str] = {}
+    try:
+        tags = acc.PluginTagToContent("text")
+    except KeyError:  # the run logged no text
+        return out
+    for tag in tags:
+        events = acc.Tensors(tag)
+        if not events:
+            continue
+        value = tensor_util.make_ndarray(events[-1].tensor_proto)
+        item = value.item() if value.size == 1 else value.flatten()[0]
+        out[tag.removesuffix("/text_summary")] = item.decode() if isinstance(item, bytes) else str(item)
+    return out
 
 
 def _plugin_hparams(acc: Any) -> dict[str, Any]:
@@ -226,27 +245,104 @@ def _yaml_hparams(run_dir: Path) -> dict[str, Any]:
 
 
 def _config_hparams(run_dir: Path) -> dict[str, Any]:
-    """``pretrained``, ``quantization`` and ``adapter`` from the resolved ``config.yaml`` LightningCLI writes."""
-    model = _read_yaml(run_dir / "config.yaml").get("model")
-    if not isinstance(model, dict):
-        return {}
-    init = model.get("init_args", model)
-    if not isinstance(init, dict):
-        return {}
+    """What the resolved ``config.yaml`` LightningCLI writes says about the run (:func:`describe_config`)."""
+    return describe_config(_read_yaml(run_dir / "config.yaml"))
+
+
+def describe_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The study's columns of a run's config (a resolved ``config.yaml``, or a sweep cell's merged config).
+
+    ``pretrained``, ``quantization`` (its mode), ``double_quant``, ``adapter`` (named as
+    ``QLitModule.study_hparams`` names it), ``rank`` (LoRA, LoHa and LoKr's ``r``, AdaLoRA's ``target_r``) and
+    ``task`` (the DataModule without its suffix, and its dataset: ``SST2 (qlit-samples/sst2)``). A key the config
+    does not settle is ``None``.
+    """
+    model = config.get("model")
+    init = model.get("init_args", model) if isinstance(model, Mapping) else None
+    out: dict[str, Any] = {"task": _task_name(config.get("data"))}
+    if not isinstance(init, Mapping):
+        return out
     quantization = init.get("quantization")
     adapter = init.get("adapter")
-    if isinstance(adapter, dict):  # named as QLitModule.study_hparams names it
+    rank = None
+    if isinstance(adapter, Mapping):
         config_class = str(adapter.get("class_path", "")).rsplit(".", 1)[-1]
-        name = adapter_name(config_class, adapter.get("init_args") or {}, None) if config_class else None
+        options = adapter.get("init_args") or {}
+        name = adapter_name(config_class, options, None) if config_class else None
+        rank = options.get("target_r" if config_class == "AdaLoraConfig" else "r")
     elif "adapter" in init:
         name = adapter_name(None, {}, init.get("adapter_path"))
     else:
         name = None
+    mode = quantization.get("mode", "none") if isinstance(quantization, Mapping) else None
+    double_quant = quantization.get("double_quant") if isinstance(quantization, Mapping) else None
+    if mode is not None and double_quant is None:  # QLoRA's default: on for the 4-bit modes
+        double_quant = mode in ("nf4", "fp4")
+    dtype = init.get("dtype")
+    if mode not in (None, "none") and isinstance(quantization, Mapping):
+        dtype = quantization.get("compute_dtype", dtype)
     return {
+        **out,
         "pretrained": init.get("pretrained"),
-        "quantization": quantization.get("mode") if isinstance(quantization, dict) else None,
+        "quantization": mode,
+        "double_quant": double_quant,
+        "compute_dtype": dtype,
         "adapter": name,
+        "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
     }
+
+
+def _task_name(data: Any) -> str | None:
+    if not isinstance(data, Mapping) or not data.get("class_path"):
+        return None
+    name = str(data["class_path"]).rsplit(".", 1)[-1].removesuffix("DataModule")
+    init = data.get("init_args") or {}
+    source = init.get("path") if isinstance(init, Mapping) else None
+    if isinstance(source, str) and source in ("json", "csv", "parquet", "text"):  # local files: name the first one
+        files = init.get("data_files")
+        first = next(iter(files.values()), None) if isinstance(files, Mapping) else files
+        source = first[0] if isinstance(first, list) and first else first
+    return f"{name} ({source})" if source else name
+
+
+_METHODS = {
+    "LoraConfig": "LoRA",
+    "LoraConfig+dora": "DoRA",
+    "LoraConfig+rslora": "rsLoRA",
+    "LoraConfig+dora+rslora": "DoRA (rsLoRA scaling)",
+    "AdaLoraConfig": "AdaLoRA",
+    "IA3Config": "IA3",
+    "LoHaConfig": "LoHa",
+    "LoKrConfig": "LoKr",
+    "PromptTuningConfig": "prompt tuning",
+    "PrefixTuningConfig": "prefix tuning",
+    "PromptEncoderConfig": "P-tuning",
+    "loaded": "trained adapter",
+}
+_BASES = {"none": "", "int8": "8-bit", "nf4": "NF4", "fp4": "FP4", "bitnet": "BitNet"}
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def technique(
+    quantization: str | None, adapter: str | None, double_quant: bool | None = None, dtype: str | None = None
+) -> str | None:
+    """The technique a run stands for, as a study names it: ``QLoRA (NF4 + DQ)``, ``8-bit + LoRA``, ``IA3 on NF4``,
+    ``full fine-tuning (fp32)``, ``BitNet b1.58``; ``None`` where neither the quantization nor the adapter is known.
+    """
+    if quantization is None and adapter is None:
+        return None
+    mode = quantization or "none"
+    base = _BASES.get(mode, mode)
+    if mode in ("nf4", "fp4") and double_quant:
+        base += " + DQ"
+    if adapter == "full":
+        if mode == "bitnet":
+            return "BitNet b1.58"
+        return "full fine-tuning" + (f" ({_DTYPES[dtype]})" if dtype in _DTYPES else "")
+    if adapter == "LoraConfig" and mode in ("int8", "nf4", "fp4", "bitnet"):
+        return {"int8": "8-bit + LoRA", "bitnet": "QLoRA + BitNet"}.get(mode, f"QLoRA ({base})")
+    method = _METHODS.get(adapter or "", (adapter or "?").removesuffix("Config"))
+    return f"{method} on {base}" if base else method
 
 
 def _qlit_base_hparams(run_dir: Path) -> dict[str, Any]:
@@ -291,11 +387,13 @@ def metric_columns() -> list[MetricSpec]:
     declared = [spec for cls in ALWAYS_ON.values() for spec in getattr(cls, "metric_specs", ()) if spec.aggregate]
     costs = [spec for spec in declared if not spec.name.startswith(_STAGE_PREFIXES)]
     evaluation = [spec for spec in declared if spec.name.startswith(_STAGE_PREFIXES)]
-    return [*costs, *_LM_METRICS, *task_metrics(), *evaluation]
+    tested = [replace(spec, name="test/" + spec.name.removeprefix("val/")) for spec in _LM_METRICS[1:]]
+    return [*costs, *_LM_METRICS, *task_metrics(), *tested, *task_metrics("test"), *evaluation]
 
 
-def task_metrics() -> list[MetricSpec]:
-    """The validation metrics every task declares (``val/<name>``), each once, in the order the classes define them."""
+def task_metrics(stage: str = "val") -> list[MetricSpec]:
+    """The metrics every task declares, as logged in ``stage`` (``val/<name>``), each once, in the order the classes
+    define them."""
     from qlit.tasks import Task
 
     specs: dict[str, MetricSpec] = {}
@@ -305,7 +403,7 @@ def task_metrics() -> list[MetricSpec]:
         pending[:0] = cls.__subclasses__()
         for spec in vars(cls).get("metric_specs", ()):
             if spec.aggregate:
-                specs.setdefault(spec.name, replace(spec, name="val/" + spec.name))
+                specs.setdefault(spec.name, replace(spec, name=f"{stage}/{spec.name}"))
     return list(specs.values())
 
 
@@ -318,12 +416,26 @@ def columns() -> list[str]:
 
 
 def run_row(run: Run) -> Row:
-    """The table row of one run: every column of :func:`columns`, ``None`` where the run did not log it."""
+    """The table row of one run: every column of :func:`columns`, ``None`` where the run did not log it, then its
+    ``eval/*`` benchmark results.
+
+    ``steps`` is the last step the run logged at (the optimizer steps it trained: the end-of-fit metrics are logged
+    there); ``epochs`` the epochs it trained in (a partial last epoch counts as one).
+    """
+    hp = run.hparams
+    epochs = run.maximum("epoch")
     row: Row = {
         "run": run.name,
-        "model": run.hparams.get("pretrained"),
-        "quantization": run.hparams.get("quantization"),
-        "adapter": run.hparams.get("adapter"),
+        "task": hp.get("task"),
+        "technique": technique(
+            hp.get("quantization"), hp.get("adapter"), hp.get("double_quant"), hp.get("compute_dtype")
+        ),
+        "model": hp.get("pretrained"),
+        "quantization": hp.get("quantization"),
+        "adapter": hp.get("adapter"),
+        "rank": hp.get("rank") if isinstance(hp.get("rank"), int) else None,
+        "steps": max((step for series in run.scalars.values() for step, _ in series), default=None),
+        "epochs": int(epochs) + 1 if epochs is not None else None,
     }
     for spec in metric_columns():
         if spec.sources:  # the first of the tags the run logged, and which one it was
@@ -332,7 +444,15 @@ def run_row(run: Run) -> Row:
             continue
         value = run.value(spec.name, spec.aggregate or "last")
         row[spec.name] = round(value) if spec.integer and value is not None else value
+    row.update({tag: run.last(tag) for tag in eval_columns([run])})
     return row
+
+
+def eval_columns(runs: Sequence[Run]) -> list[str]:
+    """The benchmark scores ``qlit eval`` logged (``eval/<task>/<metric>``; lm-eval's tasks, declared by no plug-in),
+    without their standard errors, which stay in TensorBoard and the results JSON."""
+    tags = {tag for run in runs for tag in run.scalars if tag.startswith(EVAL_PREFIX)}
+    return sorted(tag for tag in tags if not tag.endswith(STDERR_SUFFIX))
 
 
 def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False) -> list[Row]:
@@ -348,13 +468,14 @@ def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False
         QlitError: ``sort`` names a column that no run has.
     """
     rows = [run_row(run) for run in runs]
-    present = [c for c in columns() if c == "run" or any(row[c] is not None for row in rows)]
+    names = [*columns(), *eval_columns(runs)]
+    present = [c for c in names if c == "run" or any(row.get(c) is not None for row in rows)]
     if sort is not None:
         if sort not in present:
             raise QlitError(f"Cannot sort by '{sort}', which no run has: use one of {', '.join(present)}.")
-        known = sorted((r for r in rows if r[sort] is not None), key=lambda r: r[sort], reverse=descending)
-        rows = known + [r for r in rows if r[sort] is None]
-    return [{c: row[c] for c in present} for row in rows]
+        known = sorted((r for r in rows if r.get(sort) is not None), key=lambda r: r[sort], reverse=descending)
+        rows = known + [r for r in rows if r.get(sort) is None]
+    return [{c: row.get(c) for c in present} for row in rows]
 
 
 def _format(value: Any) -> str:
@@ -407,12 +528,7 @@ def _figure_class() -> Any:
 
 
 def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write PNG plots comparing ``runs`` into ``out_dir``.
-
-    ``loss.png``: the train and validation loss curves of every run (x = step). Bar charts, one bar per run that
-    logged the value: ``peak_memory.png``, ``fit_time.png``, ``trainable_ratio.png`` (log scale where the ratios
-    span more than two decades, as full fine-tuning against prompt tuning does), and one ``val_<metric>.png`` per
-    main task metric (a :class:`~qlit.metrics.MetricSpec` with ``main``) that some run is judged by.
+    """Write the report's PNG plots (:func:`qlit.report.plot_report`) comparing ``runs`` into ``out_dir``.
 
     Returns:
         The files written.
@@ -420,87 +536,10 @@ def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     Raises:
         QlitError: matplotlib is not installed.
     """
-    figure = _figure_class()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [run_row(run) for run in runs]
-    colors = {run.name: f"C{i % 10}" for i, run in enumerate(runs)}  # a run keeps its colour across the plots
-    written: list[Path] = []
-    if any(run.scalars.get(tag) for run in runs for tag in ("train/loss", "val/loss")):
-        written.append(_loss_plot(figure, runs, colors, out / "loss.png"))
-    bars = [
-        ("peak_memory.png", "peak_memory_gib", "peak memory (GiB)", False, rows),
-        ("fit_time.png", "time/fit_seconds", "training time (s): time/fit_seconds", False, rows),
-        ("trainable_ratio.png", "params/trainable_ratio", "trainable / total parameters", True, rows),
-    ]
-    main = [spec for spec in task_metrics() if spec.main]
-    for spec in main:
-        better = "lower" if spec.higher_is_better is False else "higher"
-        # Each run's main metric only: an SST-2 run is judged by accuracy, a SQuAD run by F1, never both.
-        judged = [r for r in rows if _main_metric(r, main) == spec.name]
-        label = f"{spec.name}, final ({better} is better)"
-        bars.append((spec.name.replace("/", "_") + ".png", spec.name, label, False, judged))
-    for filename, column, label, log_if_wide, candidates in bars:
-        shown = [r for r in candidates if r[column] is not None]
-        if shown:
-            written.append(_bar_plot(figure, shown, column, label, log_if_wide, colors, out / filename))
-    return written
+    from qlit.report import Entry, plot_report, report_rows
 
-
-def _main_metric(row: Row, main: Sequence[MetricSpec]) -> str | None:
-    return next((spec.name for spec in main if row.get(spec.name) is not None), None)
-
-
-def _loss_plot(figure: Any, runs: Sequence[Run], colors: dict[str, str], path: Path) -> Path:
-    fig = figure(figsize=(12, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    for run in runs:
-        for ax, tag, marker in ((axes[0], "train/loss", None), (axes[1], "val/loss", "o")):
-            steps, values = run.curve(tag)
-            if steps:
-                ax.plot(steps, values, color=colors[run.name], marker=marker, markersize=3, label=run.name)
-    for ax, tag in zip(axes, ("train/loss", "val/loss"), strict=True):
-        ax.set_title(tag)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats/token)")
-    handles: dict[str, Any] = {}
-    for ax in axes:  # one legend entry per run, whichever panel it appears in
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _bar_plot(
-    figure: Any,
-    rows: Sequence[Row],
-    column: str,
-    label: str,
-    log_if_wide: bool,
-    colors: dict[str, str],
-    path: Path,
-) -> Path:
-    names = [str(r["run"]) for r in rows]
-    values = [float(r[column]) for r in rows]
-    texts = [_format(v) for v in values]
-    if column == "peak_memory_gib":  # GPU-allocated and CPU-RSS peaks are different quantities: say which each is
-        texts = [f"{t} ({r['peak_memory_of']})" for t, r in zip(texts, rows, strict=True)]
-    # Horizontal bars: run names are long (demo_peft_prompt_tuning/version_3) and stay readable on the y axis.
-    fig = figure(figsize=(8, 1.2 + 0.45 * len(rows)), layout="constrained")
-    ax = fig.subplots()
-    bars = ax.barh(names, values, color=[colors[name] for name in names])
-    ax.invert_yaxis()  # first run on top, as in the table
-    positive = [v for v in values if v > 0]
-    if log_if_wide and positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
-        ax.set_xscale("log")
-    ax.bar_label(bars, labels=texts, padding=3, fontsize="small")
-    ax.set_xlabel(label)
-    ax.margins(x=0.25)
-    ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, dpi=120)
-    return path
+    entries = [Entry(name=run.name, run=run) for run in runs]
+    return plot_report(entries, report_rows(entries), Path(out_dir))
 
 
 # ----- command line ---------------------------------------------------------------------------------------------------
@@ -526,6 +565,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "qlit compare") -> None:
     parser.add_argument("--descending", action="store_true", help="largest first (e.g. for val/accuracy)")
     parser.add_argument("--csv", metavar="FILE", type=Path, help="also write the table to this CSV file")
     parser.add_argument("--plots", metavar="DIR", type=Path, help="also write PNG plots (needs matplotlib) here")
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        type=Path,
+        help="also write report.md, report.csv and plots/ here (a sweep's output folder is read as its study)",
+    )
     args = parser.parse_args(argv)
     try:
         runs = collect_runs(args.paths)
@@ -533,9 +578,31 @@ def main(argv: Sequence[str] | None = None, prog: str = "qlit compare") -> None:
         written = plot(runs, args.plots) if args.plots is not None else []
         if args.csv is not None:
             written.insert(0, to_csv(rows, args.csv))
+        if args.report is not None:
+            written += _report(args.paths, runs, args.report)
     except QlitError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(to_markdown(rows))
     for path in written:  # on stderr, so that stdout is the table alone (`> study.md`)
         print(f"{prog}: wrote {path}", file=sys.stderr)
+
+
+def _report(paths: Sequence[str], runs: Sequence[Run], out: Path) -> list[Path]:
+    """The report of ``paths``: a sweep's output folder with its cells (failed ones too), other runs as they are."""
+    from qlit.report import Entry, study_entries, write_report
+
+    entries: list[Entry] = []
+    studies: list[Path] = []
+    for path in paths:
+        folder = Path(path)
+        if (folder / "sweep.json").is_file():
+            entries += study_entries(folder)[1]
+            studies.append(folder.resolve())
+    taken = {entry.run.path.resolve() for entry in entries if entry.run is not None}
+    taken |= {stage.path.resolve() for entry in entries for stage in entry.stages.values()}
+    for run in runs:
+        inside = any(folder in run.path.resolve().parents for folder in studies)
+        if run.path.resolve() not in taken and not inside:
+            entries.append(Entry(name=run.name, run=run))
+    return write_report(entries, out, "Comparison: " + ", ".join(str(p) for p in paths))

@@ -198,7 +198,7 @@ def _read_base(
     return spec
 
 
-def _adapter_from_checkpoint(ckpt: Path, run_config: Path, directory: str) -> None:
+def _adapter_from_checkpoint(ckpt: Path, run_config: Path, directory: str, device: torch.device | None = None) -> None:
     # A checkpoint holds only the adapter's tensors (QLitModule.on_save_checkpoint); which adapter and base they
     # belong to is in the run's config, so the run's module is rebuilt from it to write them in peft format.
     import yaml
@@ -216,6 +216,8 @@ def _adapter_from_checkpoint(ckpt: Path, run_config: Path, directory: str) -> No
     module = parser.instantiate(parser.parse_object({"model": model_config})).model
     if not module.has_adapter:
         raise QlitError(f"Checkpoint '{ckpt}' is of a full fine-tuning run: it holds no adapter to merge.")
+    if device is not None:
+        module.to(device)  # configure_model loads the base onto the module's device
     module.configure_model()
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # Lightning's own format, optimizer included
     module.on_load_checkpoint(checkpoint)

@@ -28,6 +28,9 @@ class MetricSpec:
         sources: for a column that reads one of several tags (``name`` is then the column's, not a tag): the tags
             and a label for each; the first one the run logged wins, and the ``source_column`` gives its label.
         source_column: the name of that label's column.
+        study: one of the few costs a study compares runs by (memory, tokens/s, latency, wall time): a metric of the
+            run's TensorBoard HPARAMS record and a chart of its custom-scalars layout, beside the loss and the task's
+            metrics (:mod:`qlit.callbacks.board`).
     """
 
     name: str
@@ -38,3 +41,12 @@ class MetricSpec:
     integer: bool = False
     sources: tuple[tuple[str, str], ...] = ()
     source_column: str = ""
+    study: bool = False
+
+
+#: What the LightningModule logs for every task: the training loss, and the evaluation loss and perplexity.
+LM_METRICS = (
+    MetricSpec("train/loss", "nats/token", higher_is_better=False),
+    MetricSpec("val/loss", "nats/token", higher_is_better=False),
+    MetricSpec("val/perplexity", "", higher_is_better=False),
+)

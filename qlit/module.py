@@ -13,14 +13,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
-from qlit.callbacks.latency import GENERATION_KEY
 from qlit.errors import QlitError
-from qlit.models import attention
+from qlit.models import attention, layers
 from qlit.models.adapters import adapter_base, check_adapter, load_adapter
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
 from qlit.models.loading import load_causal_lm, same_base
@@ -66,11 +65,17 @@ class QLitModule(pl.LightningModule):
             load onto another base without any error and compute nonsense.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
             embeddings, input gradients for checkpointing) — the QLoRA recipe.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute):
+            ``true`` on every decoder layer; a number: on that many layers only (the first ones), keeping the
+            others' activations; ``auto``: every layer, except as many as the memory the fused loss saves can
+            hold (:func:`qlit.models.layers.auto_checkpointed`) — speed at no more peak memory than ``true``
+            without fused kernels.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` through transformers; ``None`` means
             ``{"use_reentrant": true}``, the variant the QLoRA recipe uses (with input gradients enabled).
         optimizer: optimizer class and its arguments, e.g. ``bitsandbytes.optim.PagedAdamW8bit``.
         lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
+        compile: run each decoder layer through ``torch.compile`` (CUDA): fewer kernel launches and fused
+            element-wise work; the first steps pay the compilation.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
             log directory, in ``adapter/``.
@@ -89,16 +94,23 @@ class QLitModule(pl.LightningModule):
         adapter_path: str | None = None,
         allow_base_mismatch: bool = False,
         prepare_kbit: bool = True,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | int | Literal["auto"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
         max_new_tokens: int = 16,
         save_adapter: bool = True,
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
             raise QlitError(f"model.max_new_tokens must be 1 or more, got {max_new_tokens}.")
+        if gradient_checkpointing != "auto" and not isinstance(gradient_checkpointing, bool):
+            if not isinstance(gradient_checkpointing, int) or gradient_checkpointing < 0:
+                raise QlitError(
+                    "model.gradient_checkpointing must be true, false, auto or a number of layers (0 or more), got "
+                    f"{gradient_checkpointing!r}."
+                )
         _check_optimizer(optimizer, lr_scheduler)
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
@@ -125,6 +137,9 @@ class QLitModule(pl.LightningModule):
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
+        #: Decoder layers recomputed in the backward pass when only some are (``auto`` or a number).
+        self.checkpointed_layers: int | None = None
         self.max_new_tokens = max_new_tokens
         self.save_adapter = save_adapter
         self.model: Any = None
@@ -132,6 +147,8 @@ class QLitModule(pl.LightningModule):
         self.tokenizer: Any = None
         #: Timing of the latest ``generate`` call, read by the latency callback in ``predict``.
         self.last_generation: dict[str, float] | None = None
+        #: Where the end of ``fit`` saved the adapter (or a base in its own format), on rank 0; ``None`` if nowhere.
+        self.saved_to: Path | None = None
         self._ranks_updated_at = 0
         # Checkpoints hold only what trains: a frozen (possibly 4-bit) base is reloaded from `pretrained`.
         self.strict_loading = not self.has_adapter
@@ -182,6 +199,13 @@ class QLitModule(pl.LightningModule):
         # left in eval, the decoder layers would skip gradient checkpointing (and dropout) during training.
         model.train()
         self.model = self._attach_adapter(model)
+        if self.gradient_checkpointing == "auto":
+            fused = self.kernels_applied == "liger"
+            self.checkpointed_layers = layers.checkpoint_first(self.model, layers.auto_checkpointed(self.model, fused))
+        elif not isinstance(self.gradient_checkpointing, bool):
+            self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
+        if self.compile_layers:
+            layers.compile_layers(self.model)
 
     def _attention(self, device: torch.device) -> str | None:
         if self.attn_implementation == attention.VARLEN:
@@ -190,6 +214,12 @@ class QLitModule(pl.LightningModule):
             return self.attn_implementation
         # Padded batches (validation, generation) go through SDPA inside the varlen implementation too.
         return attention.register() if attention.varlen_available(device) else "sdpa"
+
+    def _attention_dropout(self) -> float:
+        from qlit.models.loading import load_config
+
+        config = load_config(self.pretrained, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        return attention.attention_dropout(config)
 
     def _attach_adapter(self, model: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -260,7 +290,9 @@ class QLitModule(pl.LightningModule):
             # Packing pays where the variable-length kernel runs; elsewhere a packed row's attention is a dense
             # (tokens × tokens) mask, slower than padded rows (twice the demo's time on two CPU cores).
             varlen = self._attention(self.trainer.strategy.root_device) == attention.VARLEN
-            datamodule.packing_default = varlen and not prompt_learning
+            # Nor where the model trains with attention dropout, which the kernel lacks (GPT-2): the packed row
+            # would go through the dense mask.
+            datamodule.packing_default = varlen and not prompt_learning and not self._attention_dropout()
         self.task = getattr(datamodule, "task", Task())
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         # Submodules built here are moved to the device with the rest of the module by the strategy.
@@ -299,15 +331,10 @@ class QLitModule(pl.LightningModule):
         out = self(batch)
         # Token-weighted, so the epoch loss is the mean over every answer token, as perplexity is defined.
         loss_metric.update(out.loss.detach().float(), weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        step: dict[str, Any] = {"loss": out.loss.detach()}
-
-        def generate(b: dict[str, Any]) -> list[str]:
-            texts, stats = self.generate(b)
-            step[GENERATION_KEY] = stats
-            return texts
-
-        self.task.update(metrics, batch, out.logits, generate)
-        return step
+        # The latency callback times a fixed probe of its own: the task's generations (its rows, its lengths) are not
+        # comparable across tasks and techniques.
+        self.task.update(metrics, batch, out.logits, lambda b: self.generate(b)[0])
+        return {"loss": out.loss.detach()}
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_loss, self.val_metrics)
@@ -394,7 +421,38 @@ class QLitModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        self._planned_schedule = _schedule_plan(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._replan_schedule()
+
+    def _replan_schedule(self) -> None:
+        # A checkpoint restores the whole scheduler, its length included: a finished run resumed to train longer
+        # would sit at the end of its old schedule (learning rate 0 after a cosine decay to 0) for every new step.
+        # This run's plan wins; the step counter stays the checkpoint's.
+        plan = getattr(self, "_planned_schedule", None)
+        configs = self.trainer.lr_scheduler_configs
+        if not plan or not configs:
+            return
+        scheduler = configs[0].scheduler
+        stored = _schedule_plan(scheduler)
+        if stored == plan:
+            return
+        for key, value in plan.items():
+            setattr(scheduler, key, value)
+        # The optimizer holds the rate of the next step, restored from the old plan: recompute it under the new one.
+        lrs = [
+            base * factor(scheduler.last_epoch)
+            for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+        ]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+        changes = ", ".join(f"{key} {stored[key]} -> {plan[key]}" for key in plan if stored[key] != plan[key])
+        rank_zero_info(
+            f"Resuming at step {self.global_step}: the learning-rate schedule is re-planned for this run ({changes})."
+        )
 
     # ----- checkpoints and adapters ---------------------------------------------------------------------------------
     def _trainable_keys(self) -> set[str]:
@@ -444,12 +502,14 @@ class QLitModule(pl.LightningModule):
             return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(target))
+        self.saved_to = target
         log.info("trained model saved to %s", target)
 
     @rank_zero_only
     def _save_adapter(self, log_dir: Path) -> None:
         target = log_dir / "adapter"
         self.save_adapter_to(target)
+        self.saved_to = target
         log.info("adapter saved to %s", target)
 
     def save_adapter_to(self, directory: str | Path) -> None:
@@ -469,6 +529,13 @@ class QLitModule(pl.LightningModule):
             "dtype": self.dtype_name,
             "quantization": dataclasses.asdict(self.quantization),
         }
+
+
+def _schedule_plan(scheduler: Any) -> dict[str, Any]:
+    """What a schedule's shape depends on besides its step counter (empty: a schedule qlit does not re-plan)."""
+    if not isinstance(scheduler, WarmupCosineLR):
+        return {}
+    return {key: getattr(scheduler, key) for key in ("total_steps", "warmup_steps", "min_lr_ratio")}
 
 
 def _check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +17,19 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning, rank_zero_info
 
 from qlit.callbacks import ALWAYS_ON
-from qlit.checkpointing import AtomicCheckpointIO
+from qlit.checkpoint_io import AtomicCheckpointIO
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
 from qlit.module import CHECKPOINT_BASE_KEY, QLitModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="qlit"),
+    # Lightning's summary counts a packed 4-bit weight at half its size and shows a FLOPs column it cannot fill for
+    # peft models; the params callback prints the counts instead (4-bit weights at their logical size, as peft does).
+    "enable_model_summary": False,
 }
 
 #: Trainer options that Lightning accepts below these values and then fails on mid-run (accumulating over 0 batches
@@ -39,6 +47,59 @@ TRAINER_LEAST: tuple[tuple[str, float], ...] = (
 
 #: What a run directory holds before its first batch: removed again when the run fails that early.
 _SET_UP_FILES = ("config.yaml", "hparams.yaml")
+# Modules whose deprecation notices address their own callers' developers, not someone running `qlit`.
+_LIBRARIES = r"(torch|transformers|peft|lightning|pytorch_lightning|torchmetrics|bitsandbytes|datasets|accelerate)"
+# Lightning's info lines that say nothing about this run.
+_LIGHTNING_NOISE = ("💡 Tip:", "TPU available: False", "HPU available: False", "Loading `train_dataloader` to estimate")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_LIGHTNING_NOISE)
+
+
+def quiet_console() -> None:
+    """Keep the libraries' notes to their own developers off the console of a ``qlit`` run (README, "The console").
+
+    Deprecation notices raised inside PyTorch, transformers, peft, Lightning and the rest go (Lightning's own
+    ``LightningDeprecationWarning``, about options a config may use, stays), unless ``python -W`` or
+    ``PYTHONWARNINGS`` asks for warnings; transformers' bar over the weights it loads goes (the hub's download bars
+    stay); Lightning's advert and its lines about absent TPUs go.
+    """
+    if not sys.warnoptions:
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=_LIBRARIES + r"(\.|$)")
+        warnings.filterwarnings("default", category=LightningDeprecationWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_tqdm_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_noise not in rank_zero.filters:
+        rank_zero.addFilter(_not_noise)
+
+
+def fit_summary(trainer: Trainer, module: Any) -> list[str]:
+    """Where a finished fit left its run, its trained weights and its last checkpoint: three lines."""
+    run = Path(trainer.log_dir or trainer.default_root_dir)
+    label = "Adapter" if getattr(module, "has_adapter", False) else "Model"
+    saved = getattr(module, "saved_to", None)
+    if saved is not None:
+        weights = _shown(saved) + (" (peft format)" if label == "Adapter" else "")
+    else:
+        weights = "not saved apart: its weights are in the checkpoint"
+    checkpoint = trainer.checkpoint_callback
+    last = checkpoint and (getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path)
+    return [
+        f"Run:        {_shown(run)} (tensorboard --logdir {_shown(run.parent)})",
+        f"{label + ':':<12}{weights}",
+        f"Checkpoint: {_shown(Path(last)) if last else 'none written'}",
+    ]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it, else absolute."""
+    path = path.resolve()
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 class QlitCLI(LightningCLI):
@@ -82,6 +143,11 @@ class QlitCLI(LightningCLI):
         interval = trainer.get("val_check_interval")
         if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
             raise QlitError(f"trainer.val_check_interval must be above 0, got {interval}.")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            for line in fit_summary(self.trainer, self.model):
+                rank_zero_info(line)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -14,8 +14,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from qlit.callbacks.params import TrainableParamsMonitor
-from qlit.compare import collect_runs, main, plot, table, to_csv, to_markdown
+from qlit.compare import (
+    collect_runs,
+    describe_config,
+    main,
+    plot,
+    read_run,
+    table,
+    technique,
+    to_csv,
+    to_markdown,
+)
 from qlit.errors import QlitError
+from qlit.report import Entry, parse_samples, plot_report, report_rows, write_report
 
 # Above 2**24, so a float32 TensorBoard scalar cannot hold it: the table must take it from the float64 hparams.
 FULL_PARAMS = 494_032_769
@@ -133,7 +144,8 @@ def test_one_row_per_run_with_the_logged_values(study):
 
 def test_columns_no_run_has_are_dropped(study):
     columns = list(table(collect_runs([study]))[0])
-    assert columns[:4] == ["run", "model", "quantization", "adapter"]
+    # No run logged its epoch or the task it trained on (no data section in the one config.yaml).
+    assert columns[:7] == ["run", "technique", "model", "quantization", "adapter", "rank", "steps"]
     assert {"val/accuracy", "val/f1", "val/exact_match", "val/latency_ms_mean"} <= set(columns)
     for absent in ("val/bleu", "val/price_mae", "val/price_rmsle", "val/price_hit_rate", "predict/latency_ms_mean"):
         assert absent not in columns
@@ -153,7 +165,7 @@ def test_markdown_and_csv_round_trip(study, tmp_path):
     markdown = to_markdown(rows).splitlines()
     assert markdown[0] == "| " + " | ".join(rows[0]) + " |"
     assert len(markdown) == 2 + len(rows)
-    assert "| qlora/version_0 | tiny | nf4 | LoraConfig | 0.01235 | 16,384 |" in markdown[3]
+    assert "| qlora/version_0 | QLoRA (NF4) | tiny | nf4 | LoraConfig | — | 30 | 0.01235 | 16,384 |" in markdown[3]
     assert "—" in markdown[2]  # the DoRA run has no trainable ratio
 
     with to_csv(rows, tmp_path / "out" / "study.csv").open(newline="") as f:
@@ -173,9 +185,9 @@ def test_plot_writes_pngs(study, tmp_path):
     pytest.importorskip("matplotlib")
     written = plot(collect_runs([study]), tmp_path / "plots")
     names = {p.name for p in written}
-    # Each run's bar is under its own task's metric: SST-2-like runs by accuracy, the SQuAD-like run by F1.
-    bars = {"peak_memory.png", "fit_time.png", "trainable_ratio.png", "val_accuracy.png", "val_f1.png"}
-    assert names == {"loss.png", *bars}
+    # Runs without a task share one group; only the full and QLoRA runs logged a validation-loss curve (2+ points),
+    # two runs have a memory peak and a main metric (accuracy), and no run varied the rank (no rank plot).
+    assert names == {"val_loss-runs.png", "train_loss-runs.png", "val_accuracy_vs_memory-runs.png", "speed-runs.png"}
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -244,3 +256,118 @@ def test_plot_without_matplotlib_says_how_to_install_it(study, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail as if not installed
     with pytest.raises(QlitError, match=r"pip install matplotlib"):
         plot(collect_runs([study]), tmp_path / "plots")
+
+
+# ----- the report -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("quantization", "adapter", "double_quant", "dtype", "name"),
+    [
+        ("none", "full", False, "float32", "full fine-tuning (fp32)"),
+        ("none", "full", False, "auto", "full fine-tuning"),
+        ("bitnet", "full", None, None, "BitNet b1.58"),
+        ("none", "LoraConfig", False, "bfloat16", "LoRA"),
+        ("int8", "LoraConfig", False, None, "8-bit + LoRA"),
+        ("nf4", "LoraConfig", True, None, "QLoRA (NF4 + DQ)"),
+        ("fp4", "LoraConfig", False, None, "QLoRA (FP4)"),
+        ("bitnet", "LoraConfig", None, None, "QLoRA + BitNet"),
+        ("int8", "IA3Config", None, None, "IA3 on 8-bit"),
+        ("nf4", "PromptEncoderConfig", True, None, "P-tuning on NF4 + DQ"),
+        ("none", "LoraConfig+dora", None, None, "DoRA"),
+        (None, None, None, None, None),
+    ],
+)
+def test_technique_names_what_a_run_did(quantization, adapter, double_quant, dtype, name):
+    assert technique(quantization, adapter, double_quant, dtype) == name
+
+
+def test_describe_config_reads_a_cells_config():
+    config = {
+        "model": {
+            "init_args": {
+                "pretrained": "qlit-tiny/qwen2",
+                "quantization": {"mode": "nf4"},
+                "adapter": {"class_path": "peft.AdaLoraConfig", "init_args": {"r": 8, "target_r": 4}},
+            }
+        },
+        "data": {
+            "class_path": "qlit.data.JSONLDataModule",
+            "init_args": {"path": "json", "data_files": {"train": "a"}},
+        },
+    }
+    assert describe_config(config) == {
+        "task": "JSONL (a)",
+        "pretrained": "qlit-tiny/qwen2",
+        "quantization": "nf4",
+        "double_quant": True,  # QLoRA's default for 4-bit
+        "compute_dtype": None,
+        "adapter": "AdaLoraConfig",
+        "rank": 4,
+    }
+
+
+def test_the_report_groups_by_task_and_says_what_failed(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = {run.name: run for run in collect_runs([study])}
+    failed_config = {
+        "model": {"init_args": {"quantization": {"mode": "nf4"}, "adapter": {"class_path": "peft.LoHaConfig"}}},
+        "data": {"class_path": "qlit.data.SST2DataModule", "init_args": {"path": "qlit-samples/sst2"}},
+    }
+    entries = [
+        Entry("full", run=runs["full/version_0"]),
+        Entry("qlora", label="QLoRA, r=8", run=runs["qlora/version_0"]),
+        Entry("dora", run=runs["squad/version_1"]),
+        Entry("loha", status="failed", reason="LoHaConfig cannot train on a nf4 base.", config=failed_config),
+    ]
+    written = write_report(entries, tmp_path / "report", "Study: t", "What it shows.")
+    md, csv_path = written[0], written[1]
+    text = md.read_text()
+    assert text.startswith("# Study: t\n\nWhat it shows.\n\n4 runs: 3 done, 1 failed.")
+    # The failed cell is in its own task's group, with its reason, and in the CSV.
+    assert "## SST2 (qlit-samples/sst2)" in text and "## runs" in text
+    assert "- **LoHa on NF4 + DQ** (`loha`): failed: LoHaConfig cannot train on a nf4 base." in text
+    runs_table = text.split("## runs")[1]
+    header = runs_table.splitlines()[2]
+    for column in ("technique", "peak memory GiB ↓", "tokens/s ↑", "accuracy ↑", "latency ms ↓", "f1 (%) ↑"):
+        assert column in header, header
+    assert "| QLoRA, r=8 | `qlora` |" in runs_table and "| 1.23 % |" in runs_table  # the trainable share
+    with csv_path.open(newline="") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert rows["loha"]["status"] == "failed" and rows["loha"]["technique"] == "LoHa on NF4 + DQ"
+    assert float(rows["qlora"]["val/latency_ms_mean"]) == 12.5 and rows["qlora"]["label"] == "QLoRA, r=8"
+    for png in written[2:]:
+        assert f"]({png.relative_to(tmp_path / 'report').as_posix()})" in text
+
+
+def test_no_plot_has_a_degenerate_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    one = tb_run(
+        tmp_path / "logs",
+        "one",
+        {"quantization": "nf4", "adapter": "LoraConfig"},
+        {"val/loss": [(5, 1.0)], "val/accuracy": [(5, 0.5)], "cpu/peak_rss_gib": [(5, 1.0)]},
+    )
+    entries = [Entry("one", run=read_run(one))]
+    # One run with one validation: no curve, no scatter, no rank axis; nothing to speak of speed.
+    assert plot_report(entries, report_rows(entries), tmp_path / "plots") == []
+    ranks = []
+    for r in (4, 8):
+        run = read_run(one)
+        run.hparams["rank"] = r
+        ranks.append(Entry(f"r{r}", run=run))
+    names = {p.name for p in plot_report(ranks, report_rows(ranks), tmp_path / "plots")}
+    assert names == {"val_accuracy_vs_rank-runs.png"}  # a constant metric is drawn; two runs on one spot are not
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(names)  # stale plots removed
+
+
+def test_eval_results_are_columns(tmp_path):
+    scores = {"eval/hellaswag/acc_norm": [(1, 0.25)], "eval/hellaswag/acc_norm_stderr": [(1, 0.01)]}
+    run = tb_run(tmp_path, "ev", {}, {"train/loss": [(1, 1.0)], **scores})
+    (row,) = table(collect_runs([run]))
+    assert row["eval/hellaswag/acc_norm"] == 0.25 and "eval/hellaswag/acc_norm_stderr" not in row
+
+
+def test_generations_read_back_from_the_text_the_task_logs():
+    from qlit.tasks import format_samples
+
+    samples = [("Q: 1+1?", "2\nand more", "2"), ("Q: 2+2?", "", "4")]
+    assert parse_samples(format_samples(samples)) == [("Q: 1+1?", "2\nand more", "2"), ("Q: 2+2?", "", "4")]

@@ -73,20 +73,24 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
 
 
 def test_fast_paths_keep_the_loss_curve(tmp_path):
-    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed) train the same
-    20 steps as SDPA with transformers' per-sample mask and plain modules, on the same packed batches."""
+    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed), then also
+    selective checkpointing and compiled layers, train the same 20 steps as SDPA with transformers' per-sample mask
+    and plain modules, on the same packed batches."""
     common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
     curves, paths = {}, {}
     for name, extra in {
         "plain": ["--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"],
         "fast": [],
+        "compiled": ["--model.init_args.gradient_checkpointing", "auto", "--model.init_args.compile", "true"],
     }.items():
         cli = run_cli(tmp_path / name, *common, "--data.init_args.packing", "true", *extra)
         curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
         paths[name] = (cli.model.model.config._attn_implementation, cli.model.kernels_applied)
     assert paths["fast"][0] == "qlit_varlen" and paths["plain"] == ("sdpa", "none"), paths
-    assert len(curves["plain"]) == len(curves["fast"]) == 20
-    # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
-    worst = max(abs(a - b) for a, b in zip(curves["plain"], curves["fast"], strict=True))
-    assert worst < 0.05 * max(curves["plain"]), (worst, curves)
-    assert curves["fast"][-1] < 0.5 * curves["fast"][0], curves  # and it still learns
+    assert paths["compiled"] == paths["fast"]
+    for name in ("fast", "compiled"):
+        assert len(curves["plain"]) == len(curves[name]) == 20
+        # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
+        worst = max(abs(a - b) for a, b in zip(curves["plain"], curves[name], strict=True))
+        assert worst < 0.05 * max(curves["plain"]), (name, worst, curves)
+        assert curves[name][-1] < 0.5 * curves[name][0], curves  # and it still learns

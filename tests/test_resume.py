@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, cli_args, run_cli, scalars
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from qlit.data.batching import data_loader
+from qlit.trainer_cli import TRAINER_DEFAULTS, QlitCLI
 
 # fp32 end to end (no quantization), so that identical computations give identical numbers.
 FP32 = [
@@ -45,18 +52,61 @@ def losses(cli) -> dict[int, float]:
     return dict(scalars(cli.trainer.log_dir)["train/loss"])
 
 
-def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
-    whole = run_cli(tmp_path / "whole", "fit", *FP32, "--trainer.max_steps", "6")
-    first = run_cli(tmp_path / "part", "fit", *FP32, "--trainer.max_steps", "3")
-    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*step=3*.ckpt"))
-    rest = run_cli(tmp_path / "part", "fit", *FP32, "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+def per_step(log_dir: Path, tag: str = "train/loss") -> dict[int, list[float]]:
+    """Every value logged under ``tag`` in all the runs under ``log_dir``, by step."""
+    out: dict[int, list[float]] = {}
+    for step, value in scalars(log_dir)[tag]:
+        out.setdefault(step, []).append(value)
+    return out
 
-    expected = losses(whole)
-    got = {**losses(first), **losses(rest)}
-    assert sorted(expected) == sorted(got) == [0, 1, 2, 3, 4, 5]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
-    assert sorted(losses(rest)) == [3, 4, 5]
+
+def assert_same_trajectory(got: dict[int, list[float]], expected: dict[int, list[float]]) -> None:
+    assert sorted(got) == sorted(expected), (got, expected)
+    for step, values in expected.items():
+        assert got[step] == pytest.approx(values, abs=1e-6), (step, got, expected)
+
+
+def fit(tmp_path: Path, *args: str, callbacks: tuple[Callback, ...] = ()) -> QlitCLI:
+    """``qlit fit`` with the FP32 options, ``args`` and extra callbacks (those the tests interrupt runs with)."""
+    defaults = {**TRAINER_DEFAULTS, "callbacks": list(callbacks)}
+    return QlitCLI(args=cli_args(tmp_path, "fit", *FP32, *args), trainer_defaults=defaults)
+
+
+class SignalAtBatch(Callback):
+    """Sends this process ``sig`` as the ``batch``-th training batch of the run (counted from 0) starts."""
+
+    def __init__(self, batch: int, sig: int = signal.SIGTERM) -> None:
+        self.batch, self.sig, self.seen = batch, sig, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.sig)
+        self.seen += 1
+
+
+@pytest.fixture(scope="module")
+def eight_steps(tmp_path_factory) -> dict[int, list[float]]:
+    """An uninterrupted run of two epochs of 4 batches: the trajectory the resumed runs below must follow."""
+    tmp = tmp_path_factory.mktemp("whole")
+    fit(tmp, "--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "0")
+    return per_step(tmp / "logs")
+
+
+@pytest.fixture
+def lightning_log(caplog):
+    # Lightning's logger keeps its messages to itself when the root logger had no handler at import time.
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tmp_path, eight_steps):
+    first = run_cli(tmp_path, "fit", *FP32, "--trainer.max_steps", "3")
+    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*step=3*.ckpt"))
+    rest = run_cli(tmp_path, "fit", *FP32, "--trainer.max_steps", "8", "--ckpt_path", str(ckpt))
+    assert sorted(losses(rest)) == [3, 4, 5, 6, 7]
+    assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -72,7 +122,7 @@ def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     )
     # Training has begun once a step's loss is logged (every step here): Lightning installs its signal handlers only
     # after set-up and model loading, and the logger's event file exists from set-up on, so that is too early a cue.
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while "train/loss" not in scalars(tmp_path / "logs") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.send_signal(sig)
@@ -87,3 +137,102 @@ def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     resumed = run_cli(tmp_path, "fit", *FP32, "--trainer.max_steps", str(stopped_at + 2), "--ckpt_path", str(last))
     assert resumed.trainer.global_step == stopped_at + 2
     assert sorted(losses(resumed)) == [stopped_at, stopped_at + 1]
+
+
+def test_a_finished_run_trained_longer_re_plans_its_schedule(tmp_path, eight_steps, lightning_log):
+    # The first run finishes after one epoch (4 steps, all in the demo's 5-step warm-up, where the schedule does not
+    # depend on its length); resumed for two epochs, the schedule is re-planned for 8 steps, so the whole trajectory
+    # is the uninterrupted 8-step run's. Before, the stored 4-step plan put the learning rate at 0 from step 6 on.
+    fit(tmp_path, "--trainer.max_epochs", "1", "--checkpoint.every_n_train_steps", "0")
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    lightning_log.clear()
+    fit(tmp_path, "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "0", "--ckpt_path", str(last))
+
+    assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
+    lrs = per_step(tmp_path / "logs", "lr-AdamW")
+    assert sorted(lrs) == list(range(8))
+    assert all(value > 0 for values in lrs.values() for value in values), lrs
+    replanned = [r.getMessage() for r in lightning_log.records if "re-planned" in r.getMessage()]
+    assert replanned, lightning_log.text
+    assert "Resuming at step 4" in replanned[0] and "total_steps 4 -> 8" in replanned[0], replanned
+
+
+def test_a_checkpoint_on_a_limited_epochs_last_batch_resumes_at_the_next_epochs_start(tmp_path, eight_steps):
+    # Under limit_train_batches the epoch ends before the loader does: the position stored with the checkpoint
+    # (4 batches) belongs to epoch 0 and must not be skipped in epoch 1.
+    fit(tmp_path, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "4")
+    ckpt = next((tmp_path / "logs").rglob("*step=4*.ckpt"))
+    fit(tmp_path, "--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "0", "--ckpt_path", str(ckpt))
+    assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
+
+
+def test_sigterm_on_an_epochs_last_batch_resumes_at_the_next_epochs_start(tmp_path, eight_steps):
+    with pytest.raises(SIGTERMException):
+        fit(
+            tmp_path, "--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "0", callbacks=(SignalAtBatch(3),)
+        )
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    fit(tmp_path, "--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "0", "--ckpt_path", str(last))
+    assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
+
+
+def test_sigterm_between_accumulated_micro_batches_finishes_the_optimizer_step(tmp_path):
+    accumulate = ["--trainer.accumulate_grad_batches", "2", "--checkpoint.every_n_train_steps", "0"]
+    fit(tmp_path / "whole", *accumulate, "--trainer.max_steps", "5")
+    # The signal comes as micro-batch 4 (the first half of step 3, epoch 1) starts: the run finishes micro-batch 5,
+    # steps, and writes its checkpoint there, mid-epoch; the resumed run goes on with micro-batch 6.
+    part = tmp_path / "part"
+    with pytest.raises(SIGTERMException):
+        fit(part, *accumulate, "--trainer.max_steps", "5", callbacks=(SignalAtBatch(4),))
+    last = next((part / "logs").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    fit(part, *accumulate, "--trainer.max_steps", "5", "--ckpt_path", str(last))
+    # A step logs the loss of its last micro-batch; a lost half of step 3's gradient shows in step 4's loss.
+    assert_same_trajectory(per_step(part / "logs"), per_step(tmp_path / "whole" / "logs"))
+
+
+# ----- the loader's position, without a trainer ------------------------------------------------------------------
+ROWS = [{"input_ids": [1] * (2 + i % 5), "labels": [1] * (2 + i % 5), "prompt_length": 1, "row": i} for i in range(24)]
+
+
+def _loader(packed: bool, done: list[int]):
+    """A training loader of ``ROWS`` whose batches are the row numbers; ``done[0]`` plays the trainer's count."""
+    return data_loader(
+        ROWS,
+        lambda rows: [r["row"] for r in rows],
+        batch_size=4,
+        shuffle=True,
+        seed=7,
+        max_tokens=16 if packed else None,
+        batches_done=lambda: done[0],
+    )
+
+
+def _epoch(loader, epoch: int) -> list[list[int]]:
+    # Lightning's order: iter() first (in set-up), then the epoch is set, then the first batch is fetched.
+    iterator = iter(loader)
+    _set_sampler_epoch(loader, epoch)
+    return list(iterator)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_loaders_position_applies_to_its_own_epoch_only(packed):
+    done = [0]
+    reference = _loader(packed, done)
+    epochs = [_epoch(reference, e) for e in (0, 1)]
+    assert epochs[0] != epochs[1]  # Lightning's set_epoch reaches the order, packed too
+
+    _set_sampler_epoch(reference, 1)
+    done[0] = 2
+    mid_epoch = reference.state_dict()
+    assert mid_epoch == {"epoch": 1, "batches_done": 2}
+    resumed = _loader(packed, done)
+    resumed.load_state_dict(mid_epoch)
+    assert _epoch(resumed, 1) == epochs[1][2:]
+    assert _epoch(resumed, 2) == _epoch(reference, 2)  # the position is used once
+
+    # The last batch of epoch 0 under a limit of 3 batches: Lightning goes on with epoch 1, from its first batch.
+    resumed = _loader(packed, done)
+    resumed.load_state_dict({"epoch": 0, "batches_done": 3})
+    assert _epoch(resumed, 1) == epochs[1]

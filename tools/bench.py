@@ -12,12 +12,12 @@ by a token budget). tokens/s counts real tokens only.
 plan and prints one JSON line per configuration. Absolute numbers drift between machines and runs by 5-10 %:
 compare within one call, by the ratio.
 
-Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; on
-``sft`` qlit packs the same number of tokens per step, on average, as ``bs`` rows hold), seq (longest row), steps
-(timed), warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing), optim (paged_adamw_32bit |
-paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing budget; default
-bs × the rows' mean length), attention (auto | sdpa), kernels
-(auto | liger | none), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; qlit
+packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold), seq (longest row), steps (timed),
+warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
+(paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
+budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
+layers through torch.compile), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run(
     steps: int = 20,
     warmup: int = 5,
     quant: str = "nf4",
-    ckpt: bool = True,
+    ckpt: bool | int | str = "auto",
     optim: str = "paged_adamw_32bit",
     r: int = 16,
     packing: bool = True,
@@ -142,6 +142,7 @@ def run(
     kernels: str = "auto",
     callbacks: bool = True,
     logger: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
@@ -162,6 +163,7 @@ def run(
         quantization=Quantization(mode=quant) if quant != "none" else Quantization(),
         adapter=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         gradient_checkpointing=ckpt,
+        compile=compile,
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -171,9 +173,8 @@ def run(
     # The peer's rows, then spare ones in case packing takes more than bs rows per step.
     rows = workload_rows(workload, n, seq, vocab) + workload_rows(workload, n, seq, vocab, seed=1)
     if packing:
-        # The same real tokens per step, on average, as bs rows of this workload hold (at least one longest row).
-        mean = sum(len(row["input_ids"]) for row in rows) / len(rows)
-        budget = max_tokens or max(seq, round(bs * mean))
+        # qlit's default budget: the tokens of bs rows of the longest length, the padded batch's memory bound.
+        budget = max_tokens or bs * seq
         loader = data_loader(rows, PackingCollator(), batch_size=bs, max_tokens=budget, shuffle=False, seed=0)
     else:
         budget = None
@@ -207,6 +208,7 @@ def run(
         optim=optim,
         r=r,
         packing=packing,
+        compile=compile,
         attention=module.model.config._attn_implementation,
         kernels=module.kernels_applied,
         tokens_per_s=round(tokens / elapsed),

@@ -19,6 +19,7 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `train/padding_fraction` | ratio | share of processed positions that are padding |
 | `train/samples_per_sec` | samples/s | sequences trained per second, all devices |
 | `train/step_time_sec` | s | wall time of one optimizer step (all its accumulated micro-batches), validation excluded |
+| `train/tokens_seen` | tokens | real tokens trained so far, all devices (warm-up steps included) |
 | `train/model_tflops_per_sec` | TFLOP/s | analytic model FLOPs per second (`qlit.callbacks.flops`), all devices |
 | `train/mfu` | ratio | model FLOP utilisation: `train/model_tflops_per_sec` over the devices' dense bf16 peak |
 | `params/trainable` | parameters | trainable parameters (also in the hyperparameter table) |
@@ -27,13 +28,13 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `params/weight_gib` | GiB | storage of parameters and buffers (with 4-bit scales): shows the quantization saving |
 | `params/bitnet_weight_gib` | GiB | BitNet: storage of the ternary projection weights (2-bit packed when frozen) |
 | `params/bitnet_bf16_gib` | GiB | BitNet runs: what the same projection weights would occupy in bf16 |
-| `val/latency_ms_mean` | ms | mean per-sample latency of validation `generate` calls (a sample waits for its batch) |
+| `val/latency_ms_mean` | ms | latency probe: mean time to generate a fixed number of tokens for one of fixed prompts |
 | `val/latency_ms_p95` | ms | 95th percentile of that latency |
-| `val/gen_tokens_per_sec` | tokens/s | generated tokens per second of generation time, all devices |
-| `test/latency_ms_mean` | ms | the same for test |
+| `val/gen_tokens_per_sec` | tokens/s | the probe's generated tokens per second of generation time, all devices |
+| `test/latency_ms_mean` | ms | the same probe on the test split |
 | `test/latency_ms_p95` | ms | the same for test |
 | `test/gen_tokens_per_sec` | tokens/s | the same for test |
-| `predict/latency_ms_mean` | ms | the same for predict (written to the loggers directly and printed) |
+| `predict/latency_ms_mean` | ms | predict's own `generate` calls, a sample waiting for its batch (also printed) |
 | `predict/latency_ms_p95` | ms | the same for predict |
 | `predict/gen_tokens_per_sec` | tokens/s | the same for predict |
 | `time/setup_seconds` | s | from fit set-up (before the model loads) to fit start: model load, quantization, adapters |

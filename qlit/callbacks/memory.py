@@ -37,9 +37,9 @@ class GPUMemoryMonitor(Callback):
     metric_specs = (
         MetricSpec("gpu/allocated_gib", "GiB", higher_is_better=False, aggregate=None),
         MetricSpec("gpu/reserved_gib", "GiB", higher_is_better=False, aggregate=None),
-        MetricSpec("gpu/peak_allocated_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("gpu/peak_allocated_gib", "GiB", higher_is_better=False, aggregate=None, study=True),
         MetricSpec("gpu/peak_reserved_gib", "GiB", higher_is_better=False, aggregate=None),
-        MetricSpec("cpu/peak_rss_gib", "GiB", higher_is_better=False, aggregate=None),
+        MetricSpec("cpu/peak_rss_gib", "GiB", higher_is_better=False, aggregate=None, study=True),
         # The comparison's one memory column: GPU-allocated and CPU-RSS peaks are different quantities, so a
         # "peak_memory_of" column says which each run's is.
         MetricSpec(

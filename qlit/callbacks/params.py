@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from qlit.callbacks import _board
 from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
 from qlit.metrics import MetricSpec
 from qlit.models.bitnet import bitnet_weight_bytes
@@ -76,7 +79,11 @@ class TrainableParamsMonitor(Callback):
 
     This callback writes the run's one hyperparameter record (TensorBoard keeps the first record of a run and
     ignores later ones): the datamodule's and the module's hyperparameters, a qlit module's
-    ``study_hparams()`` (model, quantization, adapter, ...) and the numbers counted here.
+    ``study_hparams()`` (model, quantization, adapter, ...) and the numbers counted here. In TensorBoard the record
+    links the metrics a study compares runs by (``val/loss``, ``val/perplexity``, the task's metrics, then the
+    callbacks' costs declared with ``study=True``: peak memory, tokens/s, latency, wall time), whose values the
+    HPARAMS table takes from the run's scalars, and the run gets a custom-scalars layout that opens on the same
+    numbers (:mod:`qlit.callbacks._board`). The session is closed at the end of the fit with its status.
 
     Args:
         log_hparams: Also add the numbers to the loggers' hyperparameters (TensorBoard's HPARAMS table).
@@ -86,7 +93,7 @@ class TrainableParamsMonitor(Callback):
         MetricSpec("params/trainable_ratio", "ratio", aggregate="last"),
         MetricSpec("params/trainable", "parameters", aggregate="last", integer=True),
         MetricSpec("params/weight_gib", "GiB", higher_is_better=False, aggregate="last"),
-        MetricSpec("params/total", "parameters", aggregate=None, integer=True),
+        MetricSpec("params/total", "parameters", aggregate="last", integer=True),
         MetricSpec("params/bitnet_weight_gib", "GiB", higher_is_better=False, aggregate=None),
         MetricSpec("params/bitnet_bf16_gib", "GiB", aggregate=None),
     )
@@ -95,6 +102,8 @@ class TrainableParamsMonitor(Callback):
         super().__init__()
         self.log_hparams = log_hparams
         self.metrics: dict[str, float] = {}
+        # TensorBoard loggers whose HPARAMS session this fit opened (rank 0), closed at its end.
+        self._sessions: list[TensorBoardLogger] = []
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After configure_model and the strategy's set-up, so the model is loaded, quantized and wrapped by peft.
@@ -133,6 +142,24 @@ class TrainableParamsMonitor(Callback):
             hparams.update(study())
         if self.log_hparams:
             hparams.update(m)
-        if hparams:
-            for logger in trainer.loggers:
+        if not hparams:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                _board.write_records(
+                    logger, hparams, _board.study_tags(trainer, pl_module), _board.layout(trainer, pl_module)
+                )
+                self._sessions.append(logger)
+            else:
                 logger.log_hyperparams(hparams)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("interrupted" if trainer.interrupted else "success")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end("interrupted" if isinstance(exception, SIGTERMException | KeyboardInterrupt) else "failure")
+
+    def _end(self, status: str) -> None:
+        sessions, self._sessions = self._sessions, []
+        for logger in sessions:
+            _board.write_end(logger, status)

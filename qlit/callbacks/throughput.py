@@ -51,8 +51,9 @@ class TokenThroughputMonitor(Callback):
 
     Metrics (global over devices): ``train/tokens_per_sec`` (non-padding tokens), ``train/padded_tokens_per_sec``
     (every position, padding included), ``train/padding_fraction``, ``train/samples_per_sec``,
-    ``train/step_time_sec``, and where the model has a Hugging Face config ``train/model_tflops_per_sec`` and, where
-    the device's bf16 peak is known, ``train/mfu``.
+    ``train/step_time_sec``, ``train/tokens_seen`` (the running total, kept in checkpoints), and where the model
+    has a Hugging Face config ``train/model_tflops_per_sec`` and, where the device's bf16 peak is known,
+    ``train/mfu``.
 
     MFU uses :mod:`qlit.callbacks.flops`: per real token, ``4 W`` for a frozen (quantized) base (forward and input
     gradients), ``+ 2 W`` times the trained share of the base for its weight gradients, ``+ 6`` per adapter
@@ -70,11 +71,13 @@ class TokenThroughputMonitor(Callback):
 
     metric_specs = (
         # The median over the run: the first steps (warm-up, compilation) do not skew it.
-        MetricSpec("train/tokens_per_sec", "tokens/s", higher_is_better=True, aggregate="median"),
+        MetricSpec("train/tokens_per_sec", "tokens/s", higher_is_better=True, aggregate="median", study=True),
         MetricSpec("train/padded_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
         MetricSpec("train/padding_fraction", "ratio", higher_is_better=False, aggregate=None),
         MetricSpec("train/samples_per_sec", "samples/s", higher_is_better=True, aggregate=None),
-        MetricSpec("train/step_time_sec", "s", higher_is_better=False, aggregate=None),
+        MetricSpec("train/step_time_sec", "s", higher_is_better=False, aggregate="median"),
+        # Real tokens trained so far (warm-up steps included), for loss curves over tokens rather than steps.
+        MetricSpec("train/tokens_seen", "tokens", aggregate="last", integer=True),
         MetricSpec("train/model_tflops_per_sec", "TFLOP/s", higher_is_better=True, aggregate=None),
         MetricSpec("train/mfu", "ratio", higher_is_better=True, aggregate=None),
     )
@@ -105,6 +108,8 @@ class TokenThroughputMonitor(Callback):
         # an attention mask, then padded positions and samples (their shapes are known on the host for free).
         self._dev: torch.Tensor | None = None
         self._host = [0, 0, 0, 0]
+        self._seen = 0  # real tokens of the logged intervals, all ranks
+        self._warmup_tokens = 0  # this rank's real tokens of the warm-up steps, added at the next log
         self._t0: float | None = None
         self._paused = 0.0
         self._val_t0: float | None = None
@@ -207,6 +212,7 @@ class TokenThroughputMonitor(Callback):
     # ---------------------------------------------------------------- intervals
     def _begin(self, trainer: Trainer) -> None:
         assert self._dev is not None
+        self._warmup_tokens = self._host[0] + int(self._dev[0])  # once per fit: the warm-up's tokens are trained too
         self._dev.zero_()
         synchronize(self._device)
         self._restart(perf_counter(), trainer.global_step)
@@ -217,12 +223,14 @@ class TokenThroughputMonitor(Callback):
 
     def _log(self, trainer: Trainer) -> None:
         assert self._dev is not None and self._t0 is not None
-        totals = torch.tensor(self._host, dtype=torch.int64, device=self._device)
+        totals = torch.tensor([*self._host, self._warmup_tokens], dtype=torch.int64, device=self._device)
         totals[:2] += self._dev
+        self._warmup_tokens = 0
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Plain all_reduce: the strategy's reduce() would add a barrier on top.
             torch.distributed.all_reduce(totals)
-        real, square, padded, samples = totals.tolist()  # the interval's one synchronisation
+        real, square, padded, samples, warmup = totals.tolist()  # the interval's one synchronisation
+        self._seen += real + warmup
         now = perf_counter()
         elapsed = now - self._t0 - self._paused
         steps = trainer.global_step - self._interval_step
@@ -236,6 +244,7 @@ class TokenThroughputMonitor(Callback):
             "train/padding_fraction": 1.0 - real / padded if padded else 0.0,
             "train/samples_per_sec": samples / elapsed,
             "train/step_time_sec": elapsed / steps,
+            "train/tokens_seen": float(self._seen),
         }
         if self._weight_flops is not None and self._attn_flops is not None:
             flops_per_sec = (self._weight_flops * real + self._attn_flops * square) / elapsed
@@ -243,6 +252,12 @@ class TokenThroughputMonitor(Callback):
             if self._peak:
                 metrics["train/mfu"] = flops_per_sec / (self._peak * trainer.world_size)
         log_to_loggers(trainer, metrics)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"tokens_seen": self._seen}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._seen = int(state_dict.get("tokens_seen", 0))
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

@@ -28,7 +28,7 @@ class TrainingTimeMonitor(Callback):
     metric_specs = (
         MetricSpec("time/setup_seconds", "s", higher_is_better=False, aggregate=None),
         MetricSpec("time/first_step_seconds", "s", higher_is_better=False, aggregate=None),
-        MetricSpec("time/fit_seconds", "s", higher_is_better=False),
+        MetricSpec("time/fit_seconds", "s", higher_is_better=False, study=True),
     )
 
     def __init__(self, log_setup_time: bool = True) -> None:

@@ -9,7 +9,6 @@ particular to it: its default source, its columns, how a row becomes a prompt an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from qlit.data.batching import Collator, PackingCollator, data_loader
 from qlit.data.encode import encode
 from qlit.data.render import Example, Renderer
 from qlit.data.schema import Columns, check_rows
-from qlit.data.sources import Rows, iter_rows, load_source, select_splits
+from qlit.data.sources import Rows, check_data_files, iter_rows, load_source, select_splits
 from qlit.errors import QlitError
 from qlit.models.loading import load_tokenizer
 from qlit.tasks import Task
@@ -58,16 +57,17 @@ class QLitDataModule(pl.LightningDataModule):
         limit_val_samples: keep only the first N validation rows.
         limit_test_samples: keep only the first N test/predict rows.
         max_length: longest tokenised example; longer rows are skipped and counted (never cut mid-answer).
-        batch_size: training batch size per device: rows per batch, or with packing the samples a batch holds on
-            average.
+        batch_size: training batch size per device: rows per batch; with packing, the batch's token budget is
+            ``batch_size`` × ``max_length`` unless ``max_tokens`` says otherwise.
         packing: train on padding-free packed batches (:class:`~qlit.data.batching.PackingCollator`): whole samples
             back to back in one row, attention kept within each sample. ``None``: :attr:`packing_default`, which
             ``QLitModule`` sets: on where its variable-length attention kernel runs (CUDA), off for prompt-learning
             adapters and, for now, under several processes; ``true`` insists. Validation, test and predict
             batches are always padded rows.
-        max_tokens: with packing, the token budget of one batch (bounds its memory); ``None``: ``batch_size`` × the
-            training split's mean row length (at least its longest row), so a step trains as many samples on
-            average as ``batch_size`` rows would.
+        max_tokens: with packing, the token budget of one batch (bounds its memory); ``None``: ``batch_size`` ×
+            ``max_length``, the most tokens ``batch_size`` padded rows can hold — the same memory bound, filled with
+            real tokens instead of padding (as sample packing in Axolotl or TRL does). A step then trains more
+            samples than ``batch_size``: lower the learning rate or ``batch_size`` if a recipe was tuned for rows.
         eval_batch_size: validation/test/predict batch size per device (defaults to ``batch_size``).
         generate_val_samples: how many rows of each validation (and test) pass are answered by greedy generation
             for the generation-based metrics (the first N rows of the split over all devices); ``None``: every row.
@@ -138,6 +138,9 @@ class QLitDataModule(pl.LightningDataModule):
             )
         if not path and data_files is None:
             raise QlitError("data.init_args.path is empty: set a hub dataset id, a local directory or data_files.")
+        check_data_files(
+            self.dataset_name, path, data_files, train_split=train_split, val_split=val_split, test_split=test_split
+        )
         self.tokenizer_name = tokenizer
         self.path = path
         self.name = name
@@ -374,8 +377,8 @@ class QLitDataModule(pl.LightningDataModule):
     def _token_budget(self, rows: Any) -> int:
         if self.max_tokens is not None:
             return self.max_tokens
-        lengths = [len(ids) for ids in rows["input_ids"]]
-        return max(max(lengths), math.ceil(self.batch_size * sum(lengths) / len(lengths)))
+        longest = max((len(ids) for ids in rows["input_ids"]), default=self.max_length)
+        return max(longest, self.batch_size * self.max_length)
 
     def _batches_done(self) -> int:
         """Batches of the running training epoch already trained (what a checkpoint resumes after)."""

@@ -101,6 +101,9 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     several processes every rank plans the same batches and takes every ``world_size``-th, the last incomplete round
     dropped so that all ranks step together.
 
+    The row order is :attr:`sampler`, an :class:`EpochSeededSampler`: Lightning sets the epoch of a batch sampler's
+    ``sampler``, not of the batch sampler itself.
+
     Args:
         lengths: tokens of each row.
         max_tokens: the budget; at least the longest row.
@@ -121,25 +124,25 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     ) -> None:
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
-        self.seed = seed
-        self.shuffle = shuffle
+        self.sampler = EpochSeededSampler(len(self.lengths), seed, shuffle)
         self.world_size = world_size
         self.rank = rank
-        self.epoch = 0
         self._plan: tuple[int, list[list[int]]] | None = None
 
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def _batches(self) -> list[list[int]]:
         if self._plan is not None and self._plan[0] == self.epoch:
             return self._plan[1]
-        order = EpochSeededSampler(len(self.lengths), self.seed, self.shuffle)
-        order.set_epoch(self.epoch)
         batches: list[list[int]] = []
         current: list[int] = []
         tokens = 0
-        for index in order:
+        for index in self.sampler:
             n = self.lengths[index]
             if current and tokens + n > self.max_tokens:
                 batches.append(current)
@@ -154,7 +157,9 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return mine
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        # Planned at the first batch, not when iter() is called: Lightning creates a resumed run's iterator before it
+        # sets the epoch.
+        yield from self._batches()
 
     def __len__(self) -> int:
         return len(self._batches())
@@ -247,6 +252,11 @@ class ResumableDataLoader(DataLoader):
     processed batches) rather than counted here, because Lightning fetches one batch ahead of training.
     Skipped batches are fetched and dropped: tokenised rows cost only their padding to skip.
 
+    The position is stored with its epoch and applies only to that epoch: when the checkpoint closed its epoch (the
+    last batch, or the last under ``limit_train_batches``), Lightning resumes with the next epoch, from its start.
+    The decision waits for the first batch, because Lightning creates a resumed run's iterator before it sets the
+    epoch of the sampler.
+
     Args:
         batches_done: returns how many batches of the current epoch have been trained.
         *args, **kwargs: the arguments of ``torch.utils.data.DataLoader``.
@@ -255,24 +265,38 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done
-        self._skip = 0
+        self._resume: tuple[int | None, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self._skip = self._skip, 0
-        iterator = super().__iter__()
-        # A checkpoint taken on an epoch's last batch resumes at the start of the next epoch: nothing to skip.
-        if not skip or skip >= len(self):
-            return iterator
-        return self._skipping(iterator, skip)
+        resume, self._resume = self._resume, None
+        return self._batches(resume)
 
-    @staticmethod
-    def _skipping(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
-        for index, batch in enumerate(iterator):
+    def _batches(self, resume: tuple[int | None, int] | None) -> Iterator[Any]:
+        skip = 0
+        if resume is not None:
+            epoch, done = resume
+            # A checkpoint without its epoch (an older one) skips unless it was taken on the epoch's last batch.
+            same_epoch = self.epoch == epoch if epoch is not None else done < len(self)
+            skip = done if same_epoch else 0
+        for index, batch in enumerate(super().__iter__()):
             if index >= skip:
                 yield batch
 
+    @property
+    def epoch(self) -> int | None:
+        """The epoch whose order the sampler draws (``None`` for a sampler without epochs)."""
+        for source in (self.batch_sampler, self.sampler):
+            epoch = getattr(source, "epoch", None)
+            if isinstance(epoch, int):
+                return epoch
+        return None
+
     def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done() if self.batches_done is not None else 0}
+        state = {"batches_done": self.batches_done() if self.batches_done is not None else 0}
+        if self.epoch is not None:
+            state["epoch"] = self.epoch
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches_done", 0))
+        epoch = state.get("epoch")
+        self._resume = (int(epoch) if epoch is not None else None, int(state.get("batches_done", 0)))

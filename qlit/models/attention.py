@@ -34,6 +34,16 @@ def varlen_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and _varlen_kernel() is not None
 
 
+def attention_dropout(config: Any) -> float:
+    """The attention-probability dropout a model config trains with (``attention_dropout``; GPT-2's ``attn_pdrop``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        value = getattr(text, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
+
+
 def register() -> str:
     """Register :data:`VARLEN` with transformers (idempotent) and return the name to pass as ``attn_implementation``."""
     from transformers import AttentionInterface
@@ -54,6 +64,7 @@ def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any)
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+@torch.compiler.disable  # sample bounds change every step: the kernel call stays out of compiled layer graphs
 def varlen_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -78,12 +89,11 @@ def varlen_attention(
     # SDPA is on autocast's list of half-precision ops and the flash kernel computes in fp16/bf16 only: under
     # autocast take its dtype (rotary embeddings in the fp32 norms' dtype leave q and k in fp32), as SDPA would.
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if not query.is_cuda or dtype not in (torch.float16, torch.bfloat16):
-        # fp32 or off CUDA: SDPA, with the per-sample mask built here (transformers built none for this name).
+    if not query.is_cuda or dtype not in (torch.float16, torch.bfloat16) or dropout:
+        # fp32, off CUDA, or attention dropout (which the kernel lacks): SDPA, with the per-sample mask built here
+        # (transformers built none for this name).
         mask = _per_sample_causal_mask(cu_seq_lens, query.size(2), query.device)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    if dropout:
-        raise ValueError("qlit's variable-length attention has no dropout: set the model's attention_dropout to 0.")
     kernel = _varlen_kernel()
     heads, kv_heads = query.size(1), key.size(1)
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (tokens, heads, dim)

@@ -65,6 +65,13 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
             raise _hub_error(name, what, err) from None
 
 
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model's config alone (no weights): what a choice made before loading needs to know."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, name, "config", revision=revision, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer of model ``name``, with a pad token (the EOS token when the model defines none)."""
     from transformers import AutoTokenizer

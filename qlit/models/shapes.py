@@ -27,6 +27,9 @@ TINY_DECODER: dict[str, Any] = dict(
 #: The tiny GPT-2 of ``qlit-tiny/gpt2`` (learned positions, no gated MLP, no GQA).
 TINY_GPT2: dict[str, Any] = dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2)
 
+#: GPT-2 124M (``GPT2Config`` arguments): the smallest of the GPT-2 family.
+GPT2_124M: dict[str, Any] = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
+
 #: Qwen2.5 sizes (``Qwen2Config`` arguments) by name.
 QWEN25: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(

@@ -4,6 +4,9 @@ A name such as ``qlit-tiny/qwen2`` given where a hub id is expected resolves to 
 randomly initialised model of that architecture and a byte-level BPE tokenizer trained on qlit's bundled
 samples (with a ChatML chat template for the instruct-style architectures). The directory is built once,
 atomically, under the qlit cache and then loaded through the ordinary ``from_pretrained`` path.
+
+``qlit-random/<shape>`` (``qwen2.5-0.5b``, ``gpt2-124m``) is built the same way in a real model's shape, vocabulary
+size included (the tiny tokenizer uses the first ids): what a GPU measurement of memory and speed needs, offline.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from typing import Any
 
 from qlit.errors import QlitError
 from qlit.io import atomic_dir
-from qlit.models.shapes import TINY_DECODER, TINY_GPT2
+from qlit.models.shapes import GPT2_124M, QWEN25, TINY_DECODER, TINY_GPT2
 from qlit.paths import SAMPLES_DIR, cache_root
 
 TINY_PREFIX = "qlit-tiny/"
+RANDOM_PREFIX = "qlit-random/"
 _BUILDER_VERSION = "1"
 
 # ChatML, the format of Qwen2 instruct models; the tiny tokenizer carries it so the chat-template path is real.
@@ -35,6 +39,12 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gpt2": {"config_class": "GPT2Config", "chat": False, "config": TINY_GPT2},
 }
 
+#: Real models' shapes with random weights, by the name after ``qlit-random/``.
+_SHAPED: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {"config_class": "Qwen2Config", "chat": True, "config": QWEN25["qwen2.5-0.5b"]},
+    "gpt2-124m": {"config_class": "GPT2Config", "chat": False, "config": GPT2_124M},
+}
+
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _VOCAB_SIZE = 1024
 
@@ -45,7 +55,18 @@ def tiny_architectures() -> list[str]:
 
 
 def is_tiny(name: str) -> bool:
-    return name.startswith(TINY_PREFIX)
+    """Whether ``name`` is a model qlit builds itself: ``qlit-tiny/<arch>`` or ``qlit-random/<shape>``."""
+    return name.startswith((TINY_PREFIX, RANDOM_PREFIX))
+
+
+def _spec(name: str) -> tuple[str, dict[str, Any]]:
+    """The cache folder's stem and the build spec of ``name``."""
+    table, prefix = (_SHAPED, RANDOM_PREFIX) if name.startswith(RANDOM_PREFIX) else (_ARCHITECTURES, TINY_PREFIX)
+    key = name[len(prefix) :]
+    if key not in table:
+        known = [TINY_PREFIX + a for a in tiny_architectures()] + [RANDOM_PREFIX + s for s in sorted(_SHAPED)]
+        raise QlitError(f"Unknown qlit model '{name}': qlit builds {', '.join(known)}.")
+    return (key if table is _ARCHITECTURES else f"random-{key}"), table[key]
 
 
 def _corpus() -> list[str]:
@@ -69,9 +90,9 @@ def _strings(obj: Any) -> list[str]:
     return []
 
 
-def _fingerprint(arch: str, corpus: list[str]) -> str:
+def _fingerprint(spec: dict[str, Any], corpus: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(_ARCHITECTURES[arch], sort_keys=True).encode())
+    h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(_BUILDER_VERSION.encode())
     for line in corpus:
         h.update(line.encode())
@@ -79,17 +100,14 @@ def _fingerprint(arch: str, corpus: list[str]) -> str:
 
 
 def resolve_tiny(name: str) -> str:
-    """Return the local directory of the tiny model ``name`` (``qlit-tiny/<arch>``), building it on first use."""
-    arch = name[len(TINY_PREFIX) :]
-    if arch not in _ARCHITECTURES:
-        raise QlitError(
-            f"Unknown tiny model '{name}': qlit builds {', '.join(TINY_PREFIX + a for a in tiny_architectures())}."
-        )
+    """Return the local directory of the model ``name`` (``qlit-tiny/<arch>``, ``qlit-random/<shape>``), building it
+    on first use."""
+    stem, spec = _spec(name)
     corpus = _corpus()
-    target = cache_root() / "tiny" / f"{arch}-{_fingerprint(arch, corpus)}"
+    target = cache_root() / "tiny" / f"{stem}-{_fingerprint(spec, corpus)}"
     if not (target / "config.json").is_file():
         with atomic_dir(target, replace=False) as staging:  # two processes building it: the first one wins
-            build_tiny(arch, staging, corpus)
+            _build(spec, staging, corpus)
     return str(target)
 
 
@@ -121,18 +139,21 @@ def build_tokenizer(corpus: list[str], chat: bool):
 
 def build_tiny(arch: str, directory: str | os.PathLike, corpus: list[str] | None = None) -> None:
     """Write a randomly initialised ``arch`` model and its tokenizer to ``directory`` (``save_pretrained`` format)."""
+    _build(_ARCHITECTURES[arch], directory, corpus)
+
+
+def _build(spec: dict[str, Any], directory: str | os.PathLike, corpus: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    spec = _ARCHITECTURES[arch]
     tokenizer = build_tokenizer(corpus if corpus is not None else _corpus(), chat=spec["chat"])
     config_cls = getattr(transformers, spec["config_class"])
+    options = {"vocab_size": len(tokenizer), **spec["config"]}  # a real shape keeps its own vocabulary size
     config = config_cls(
-        vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-        **spec["config"],
+        **options,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -4,17 +4,36 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_lm import BATCH, LENGTHS, NEW_TOKENS, SEQ, FakeClock, TinyLM, cpu_trainer, loader
+from tiny_lm import BATCH, LENGTHS, SEQ, FakeClock, TinyLM, cpu_trainer, loader
 
+import qlit.callbacks.latency as latency
 import qlit.callbacks.throughput as throughput
 from qlit.callbacks import InferenceLatencyMonitor, TokenThroughputMonitor
+
+PROBE_TOKENS = 2
+
+
+class RankClock:
+    """A clock each read of which moves on by its rank's step: a call timed between two reads takes one step."""
+
+    def __init__(self, steps: tuple[float, ...]) -> None:
+        self.steps = steps
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.steps[torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
+        return self.now
 
 
 def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest.MonkeyPatch):
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("forked ranks need a parent without CUDA initialised (an earlier GPU test used it)")
     clock = FakeClock()
+    # The batch order below is the unshuffled one: a seed left by an earlier run in this process would change it.
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     monkeypatch.setattr(throughput, "perf_counter", clock)  # forked ranks inherit the patch and their own clock
+    # Rank 1 generates twice as slowly as rank 0.
+    monkeypatch.setattr(latency, "perf_counter", RankClock((0.1, 0.2)))
     logger = TensorBoardLogger(tmp_path, name="ddp", version=0)  # the parent must not pick a new one
     trainer = cpu_trainer(
         devices=2,
@@ -23,10 +42,12 @@ def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest
         limit_val_batches=1,
         val_check_interval=2,
         logger=logger,
-        callbacks=[TokenThroughputMonitor(warmup_steps=0, log_every_n_steps=1), InferenceLatencyMonitor()],
+        callbacks=[
+            TokenThroughputMonitor(warmup_steps=0, log_every_n_steps=1),
+            InferenceLatencyMonitor(probe_new_tokens=PROBE_TOKENS),
+        ],
     )
-    # Rank 1 reports generation twice as slow as rank 0.
-    module = TinyLM(clock=clock, train_seconds=0.5, gen_seconds_per_rank=(0.1, 0.2))
+    module = TinyLM(clock=clock, train_seconds=0.5)
     trainer.fit(module, train_dataloaders=loader(4), val_dataloaders=loader(2))
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
@@ -38,9 +59,10 @@ def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest
     assert [v for _, v in scalars["train/samples_per_sec"]] == pytest.approx([2 * BATCH / 0.5] * 2)
     assert [v for _, v in scalars["train/padded_tokens_per_sec"]] == pytest.approx([2 * BATCH * SEQ / 0.5] * 2)
     assert [v for _, v in scalars["train/step_time_sec"]] == pytest.approx([0.5, 0.5])
-    # Validation: one batch of 2 samples per rank, at 0.1 s and 0.2 s: latencies 0.1, 0.1, 0.2, 0.2 s.
+    # Validation: one batch of 2 rows per rank (rows 0, 1 on rank 0; 2, 3 on rank 1), all among the probe's first 8
+    # rows, each generated alone: latencies 0.1, 0.1, 0.2, 0.2 s.
     assert scalars["val/latency_ms_mean"][-1][1] == pytest.approx(150.0)
     assert scalars["val/latency_ms_p95"][-1][1] == pytest.approx(200.0)  # position 2.85 lies between two 0.2 s
-    # Ranks generate in parallel: 2 × 3 tokens in 0.1 s plus 2 × 3 in 0.2 s.
-    rate = BATCH * NEW_TOKENS / 0.1 + BATCH * NEW_TOKENS / 0.2
+    # Ranks generate in parallel: 2 × 2 tokens in 2 × 0.1 s plus 2 × 2 in 2 × 0.2 s.
+    rate = BATCH * PROBE_TOKENS / (BATCH * 0.1) + BATCH * PROBE_TOKENS / (BATCH * 0.2)
     assert scalars["val/gen_tokens_per_sec"][-1][1] == pytest.approx(rate)

@@ -21,15 +21,31 @@ BATCH, SEQ, NEW_TOKENS = 2, 8, 3
 LENGTHS = [(8, 5), (6, 3), (8, 7), (4, 2)]
 
 
+#: The latency probe of the ``demo_run`` fixture (conftest.py): prompts, and new tokens per prompt.
+DEMO_PROBE = (3, 5)
+#: Tokens of each row's prompt (every row has at least this many real tokens).
+PROMPT = 2
+#: The model's inputs among a batch's keys.
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
 def make_batch(lengths: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
-    """A batch per qlit's contract: ``input_ids``, ``attention_mask`` (1 = real) and ``labels`` (-100 = not learned)."""
+    """A batch per qlit's contract: ``input_ids``, ``attention_mask`` (1 = real), ``labels`` (-100 = not learned), the
+    rows' prompts for generation (their first :data:`PROMPT` tokens) and ``row_index`` (``seed`` numbers the batch)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, TINY_QWEN2["vocab_size"], (len(lengths), SEQ), generator=g)
     mask = torch.zeros(len(lengths), SEQ, dtype=torch.int64)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
     ids = ids.masked_fill(mask == 0, 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": ids.masked_fill(mask == 0, -100),
+        "prompt_input_ids": ids[:, :PROMPT],
+        "prompt_attention_mask": torch.ones(len(lengths), PROMPT, dtype=torch.int64),
+        "row_index": torch.arange(len(lengths)) + seed * len(lengths),
+    }
 
 
 def batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -85,11 +101,11 @@ class TinyLM(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._tick(self.hparams.train_seconds)
-        return self.model(**batch).loss
+        return self.model(**{k: batch[k] for k in MODEL_KEYS}).loss
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         self._tick(self.hparams.val_seconds)
-        prompt = batch["input_ids"][:, :2]  # every sequence has at least two real tokens
+        prompt = batch["prompt_input_ids"]
         start = time.perf_counter()
         out = self.model.generate(
             input_ids=prompt,
@@ -106,7 +122,8 @@ class TinyLM(LightningModule):
         return {"generation": {"seconds": seconds, "samples": int(prompt.shape[0]), "new_tokens": new_tokens}}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        return {"loss": self.model(**batch).loss, **self._generate(batch)}
+        # Its generation record is what a predict step reports; the latency callback ignores it here (it probes).
+        return {"loss": self.model(**{k: batch[k] for k in MODEL_KEYS}).loss, **self._generate(batch)}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         return self.validation_step(batch, batch_idx)

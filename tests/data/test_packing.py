@@ -121,15 +121,20 @@ def test_datamodule_packs_training_batches_within_the_budget_and_pads_validation
     from qlit.data import SST2DataModule
 
     dm = SST2DataModule(
-        tokenizer="qlit-tiny/qwen2", path="qlit-samples/sst2", batch_size=8, packing=True, limit_train_samples=64
+        tokenizer="qlit-tiny/qwen2",
+        path="qlit-samples/sst2",
+        batch_size=2,
+        max_length=64,
+        packing=True,
+        limit_train_samples=64,
     )
     dm.setup("fit")
     rows = dm.datasets["train"].with_format(None)
     budget = dm._token_budget(rows)
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    assert budget == max(max(lengths), -(-8 * sum(lengths) // len(lengths)))  # 8 samples per step on average
+    assert budget == 2 * 64  # what two padded rows of the longest length would take
     batches = list(dm.train_dataloader())
-    assert sum(b["cu_seq_lens"].numel() - 1 for b in batches) == 64  # every sample once
+    assert len(batches) > 2  # the budget, not the whole split, closes a batch
+    assert sum(b["cu_seq_lens"].numel() - 1 for b in batches) == len(rows)  # every sample once
     assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= budget for b in batches)
     assert "cu_seq_lens" not in next(iter(dm.val_dataloader()))  # evaluation keeps padded rows
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 
 import datasets
 import pytest
 from data_helpers import SAMPLES, sample_rows, write_jsonl
+from helpers import ROOT, cli_args, run_main
 
 from qlit.data import IndicVaultDataModule, PricerDataModule, SQuADDataModule, SST2DataModule
 from qlit.data.sources import infer_builder
@@ -133,3 +136,62 @@ def test_bundled_samples_ignore_hub_config_and_revision():
     dm.setup("validate")
     assert len(dm.datasets["validation"]) > 0
     assert (SAMPLES / "indicvault_hinglish" / "train.jsonl").is_file()
+
+
+def test_a_data_files_split_that_no_option_reads_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "a.jsonl", sample_rows("sst2", "train")[:30])
+    val = write_jsonl(tmp_path / "b.jsonl", sample_rows("sst2", "validation")[:10])
+    # 'val' is no split name SST-2 reads: b.jsonl would be loaded, then validation carved from train without a word.
+    with pytest.raises(QlitError) as err:
+        SST2DataModule(tokenizer=GPT2, data_files={"train": str(train), "val": str(val)})
+    assert str(err.value) == (
+        "data.init_args.data_files names split 'val', which SST-2 does not read: it reads 'train' (train_split) and "
+        "'validation' (val_split), and a test split once test_split names it (names are taken as they are, no "
+        "aliases); rename the key or set data.init_args.val_split: val."
+    )
+    with pytest.raises(QlitError, match="names split 'test', which SST-2 does not read.*init_args.test_split: test"):
+        SST2DataModule(tokenizer=GPT2, data_files={"train": str(train), "test": str(val)})
+    # Naming the split in its option reads the file.
+    dm = SST2DataModule(tokenizer=GPT2, data_files={"train": str(train), "val": str(val)}, val_split="val")
+    dm.setup("validate")
+    assert len(dm.datasets["val"]) == 10
+    dm = SST2DataModule(tokenizer=GPT2, data_files={"train": str(train), "test": str(val)}, test_split="test")
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 10
+
+
+def test_a_format_that_the_file_endings_contradict_is_an_error(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("sentence,label\ngood,1\n")
+    with pytest.raises(QlitError, match="path is the format 'json' but data file '.*rows.csv' is CSV by its ending"):
+        SST2DataModule(tokenizer=GPT2, path="json", data_files=str(rows))
+
+
+def test_qlit_fit_with_a_validation_file_under_an_unknown_split_stops_before_the_run(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "a.jsonl", sample_rows("sst2", "train")[:30])
+    val = write_jsonl(tmp_path / "b.jsonl", sample_rows("sst2", "validation")[:10])
+    before = {p: p.read_bytes() for p in (train, val)}
+    files = f"{{train: {train}, val: {val}}}"
+    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), "--data.init_args.data_files", files]
+    assert run_main(*cli_args(tmp_path, *args)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("qlit: error:")]
+    assert line.startswith("qlit: error: data.init_args.data_files names split 'val', which SST-2 does not read")
+    assert not (tmp_path / "logs").exists()
+    assert {p: p.read_bytes() for p in (train, val)} == before
+
+
+def test_an_unreadable_cache_of_local_files_is_rebuilt_with_one_line(tmp_path, qlit_cache, caplog):
+    data = write_jsonl(tmp_path / "train.jsonl", sample_rows("sst2", "train")[:20])
+    options = dict(tokenizer=GPT2, data_files=str(data), val_fraction=0.25, cache=False)
+    SST2DataModule(**options).setup("validate")
+    (arrow,) = (qlit_cache / "sources").rglob("*.arrow")
+    os.truncate(arrow, arrow.stat().st_size // 2)
+    dm = SST2DataModule(**options)
+    with caplog.at_level(logging.WARNING, logger="qlit.data.sources"):
+        dm.setup("validate")
+    lines = [r.getMessage() for r in caplog.records if r.name == "qlit.data.sources"]
+    assert len(lines) == 1 and lines[0].startswith("Cache of SST-2's data files ")
+    assert lines[0].endswith(": rebuilding it.")
+    assert len(dm.datasets["validation"]) == 5

@@ -77,3 +77,32 @@ def test_varlen_implementation_off_cuda_masks_each_sample() -> None:
         module.configure_model()
         logits[attn] = module(batch).logits
     torch.testing.assert_close(logits["qlit_varlen"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_read_from_each_architecture() -> None:
+    from qlit.models.attention import attention_dropout
+    from qlit.models.loading import load_config
+
+    assert attention_dropout(load_config("qlit-tiny/qwen2")) == 0.0
+    gpt2 = load_config("qlit-tiny/gpt2")
+    assert attention_dropout(gpt2) == gpt2.attn_pdrop > 0  # GPT-2 names it attn_pdrop
+
+
+@pytest.mark.gpu
+def test_a_model_with_attention_dropout_is_not_packed_by_default_and_trains_packed_when_asked(tmp_path) -> None:
+    """GPT-2 trains with attention dropout, which the variable-length kernel lacks: padded rows by default, and an
+    explicit packing: true goes through SDPA with the per-sample mask instead of failing."""
+    from helpers import ROOT, run_cli, scalars
+
+    common = [
+        "fit", "--config", str(ROOT / "configs/demo_codesearchnet.yaml"),
+        "--model.init_args.pretrained", "qlit-tiny/gpt2", "--trainer.accelerator", "gpu",
+        "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+        "--trainer.log_every_n_steps", "1",
+    ]  # fmt: skip
+    default = run_cli(tmp_path / "default", *common)
+    assert default.model.model.config._attn_implementation == "qlit_varlen"
+    assert not default.datamodule.packs()
+    packed = run_cli(tmp_path / "packed", *common, "--data.init_args.packing", "true")
+    assert packed.datamodule.packs()
+    assert len(scalars(packed.trainer.log_dir)["train/loss"]) == 3

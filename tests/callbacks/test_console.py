@@ -1,0 +1,35 @@
+"""The console of `qlit fit`: what informs (the run's own lines, the progress bar), none of the libraries' noise, and
+at the end where the run, the adapter and the last checkpoint went."""
+
+from pathlib import Path
+
+NOISE = (
+    "litlogger",  # Lightning's advert
+    "Tip:",
+    "TPU available",
+    "Generating train split",  # datasets' progress bars
+    "Saving the dataset",
+    "Loading weights",  # transformers' progress bar
+    "Warning",  # DeprecationWarning, FutureWarning, ...
+    "deprecated",
+    "FLOPs",  # Lightning's model summary, whose counts disagree with peft's for 4-bit weights
+    "Total params",
+)
+
+
+def test_a_fit_shows_its_own_lines_and_no_library_noise(demo_run):
+    console = demo_run.stdout + demo_run.stderr
+    assert [noise for noise in NOISE if noise in console] == [], console[-3000:]
+    assert "Trainable parameters: 16,384 of 221,760" in demo_run.stderr  # LoRA r=8 on every linear layer
+    assert "val/accuracy" in demo_run.stdout  # the progress bar
+
+
+def test_a_fit_ends_with_where_the_run_adapter_and_checkpoint_went(demo_run):
+    run, adapter, checkpoint = demo_run.stderr.strip().splitlines()[-3:]
+    run_dir = demo_run.run_dir.relative_to(demo_run.cwd)
+    assert run == f"Run:        {run_dir} (tensorboard --logdir {run_dir.parent})"
+    assert adapter == f"Adapter:    {run_dir / 'adapter'} (peft format)"
+    assert checkpoint == f"Checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}"
+    # Paths relative to where qlit ran, and there.
+    assert (demo_run.cwd / run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (demo_run.cwd / Path(checkpoint.split()[-1])).is_file()

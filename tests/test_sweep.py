@@ -1,0 +1,402 @@
+"""qlit sweep: a study file becomes its cells, checked before any runs; cells run as `qlit fit` processes, failures
+and interruptions are recorded, a second run redoes only what is unfinished, and the report holds the logged values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import ROOT, run_main, scalars
+
+from qlit.errors import QlitError
+from qlit.sweep import STRATEGIES, load_study, merge
+
+
+def write_study(tmp_path: Path, study: dict, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"), **study}, sort_keys=False))
+    return path
+
+
+def adapter(cell):
+    return cell.config["model"]["init_args"]["adapter"]
+
+
+def quantization(cell):
+    return cell.config["model"]["init_args"]["quantization"]
+
+
+# ----- the study file -------------------------------------------------------------------------------------------------
+def test_strategies_cross_their_own_and_the_study_axes(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {
+                "set": {"trainer.max_steps": 5, "model": {"init_args": {"quantization": {"compute_dtype": "float32"}}}},
+                "strategies": {
+                    "full": None,
+                    "qlora": {"axes": {"model.init_args.adapter.init_args.r": [4, 8]}},
+                    "ia3": {"set": {"model.init_args.optimizer.init_args.lr": 0.1}},
+                },
+                "axes": {"seed_everything": {"a": 1, "b": 2}},
+            },
+        )
+    )
+    names = [cell.name for cell in study.cells]
+    assert names == ["full-a", "full-b", "qlora-r4-a", "qlora-r8-a", "qlora-r4-b", "qlora-r8-b", "ia3-a", "ia3-b"]
+    cells = {cell.name: cell for cell in study.cells}
+    assert study.output == Path("logs/studies/study")
+
+    full = cells["full-a"]
+    assert adapter(full) is None and quantization(full) == {
+        "mode": "none",
+        "double_quant": None,
+        "compute_dtype": "float32",
+    }
+    assert full.config["trainer"]["max_steps"] == 5 and full.config["seed_everything"] == 1
+    assert full.label == "full fine-tuning, a"
+
+    qlora = cells["qlora-r8-b"]
+    assert quantization(qlora) == {"mode": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert adapter(qlora)["init_args"]["r"] == 8
+    assert adapter(qlora)["init_args"]["lora_dropout"] == 0.0  # the base config's, kept under the same class
+    assert (qlora.label, qlora.series) == ("QLoRA (NF4 + DQ), r=8, b", "QLoRA (NF4 + DQ)")
+
+    ia3 = cells["ia3-a"]  # another class_path replaces the base's LoRA whole: none of LoRA's arguments remain
+    assert adapter(ia3) == {"class_path": "peft.IA3Config", "init_args": {"task_type": "CAUSAL_LM"}}
+    assert ia3.config["model"]["init_args"]["optimizer"]["init_args"] == {"lr": 0.1, "weight_decay": 0.0}
+    assert quantization(ia3)["mode"] == "nf4"  # a peft method leaves the base's quantization
+    assert ia3.label == "IA3 on NF4 + DQ, a"
+    assert len({cell.fingerprint for cell in study.cells}) == len(study.cells)
+
+
+def test_zipped_axes_and_a_quantization_axis_in_the_label(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {
+                "strategies": ["lora"],
+                "combine": "zip",
+                "axes": {
+                    "model.init_args.adapter.init_args.r": [4, 16],
+                    "model.init_args.adapter.init_args.lora_alpha": [8, 32],
+                    "model.init_args.quantization.mode": ["none", "int8"],
+                },
+                "output": str(tmp_path / "out"),
+            },
+        )
+    )
+    assert [c.name for c in study.cells] == ["lora-r4-lora_alpha8-none", "lora-r16-lora_alpha32-int8"]
+    last = study.cells[1]
+    assert (adapter(last)["init_args"]["r"], adapter(last)["init_args"]["lora_alpha"]) == (16, 32)
+    assert last.label == "8-bit + LoRA, r=16, lora_alpha=32"  # the technique says the quantization itself
+    assert study.output == tmp_path / "out"
+
+
+def test_merge_replaces_another_class_and_keeps_the_rest():
+    base = {"a": {"class_path": "peft.LoraConfig", "init_args": {"r": 8, "lora_alpha": 16}}, "b": [1, 2]}
+    assert merge(base, {"a": {"init_args": {"r": 4}}}) == {
+        "a": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "lora_alpha": 16}},
+        "b": [1, 2],
+    }
+    assert merge(base, {"a": {"class_path": "IA3Config"}})["a"] == {"class_path": "IA3Config"}
+    assert merge(base, {"a": {"class_path": "LoraConfig", "init_args": {"r": 2}}})["a"]["init_args"]["lora_alpha"] == 16
+    assert merge(base, {"b": [3]})["b"] == [3] and base["b"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("study", "message"),
+    [
+        ({"strategies": ["full"], "sweep": 1}, "unknown key 'sweep': the keys are name, description, base"),
+        ({"axes": {"trainer.max_steps": []}}, "'trainer.max_steps' has no values"),
+        ({"axes": {"trainer.max_steps": 5}}, "'trainer.max_steps' must list its values"),
+        ({"strategies": ["qlora", "nope"]}, "strategy 'nope' is no built-in strategy and has no 'set'"),
+        ({"strategies": {"x": {"from": "qlorra"}}}, "'from: qlorra' is no built-in strategy: use one of full, lora"),
+        ({"strategies": {"x": {"sett": {}}}}, "strategy 'x': unknown key 'sett'"),
+        ({"strategies": ["full"], "combine": "zip", "axes": {"a": [1], "b": [1, 2]}}, "axes of one length"),
+        ({"strategies": ["full"], "combine": "both"}, "combine is 'both': use cross or zip"),
+        ({"axes": {"trainer.max_steps": [1, 1]}}, "has a value twice"),
+        (
+            {
+                "strategies": {
+                    "qlora-r4": {"from": "qlora"},
+                    "qlora": {"axes": {"model.init_args.adapter.init_args.r": [4]}},
+                }
+            },
+            "two cells would be named 'qlora-r4'",
+        ),
+        ({"strategies": ["full"], "after": ["predict"]}, "'predict' is no stage: use validate or test"),
+        ({"set": {"trainer.": 1}, "strategies": ["full"]}, "'trainer.' is not a config key"),
+        ({}, "neither 'strategies' nor 'axes'"),
+        ({"base": "missing.yaml", "strategies": ["full"]}, "base config '.*missing.yaml' does not exist"),
+    ],
+)
+def test_a_bad_study_is_one_sentence(tmp_path, study, message):
+    with pytest.raises(QlitError, match=message):
+        load_study(write_study(tmp_path, study))
+
+
+def test_eval_runs_when_qlit_has_the_subcommand(tmp_path, monkeypatch):
+    from qlit import cli, sweep
+
+    path = write_study(tmp_path, {"strategies": ["qlora"], "eval": {"tasks": ["hellaswag"], "limit": 20}})
+    monkeypatch.delitem(cli.SUBCOMMANDS, "eval", raising=False)
+    with pytest.raises(QlitError, match="'eval': this qlit has no `qlit eval` subcommand"):
+        load_study(path)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "eval", "benchmarks")
+    study = load_study(path)
+    assert study.eval == {"tasks": ["hellaswag"], "limit": 20}
+    fit = tmp_path / "fit"
+    ckpt = str(fit / "checkpoints" / "last.ckpt")  # full fine-tuning: no adapter, the checkpoint and its config
+    assert sweep._eval_argv(study.eval, fit) == ["eval", "--adapter", ckpt, "--tasks", "hellaswag", "--limit", "20"]
+    (fit / "adapter").mkdir(parents=True)
+    (fit / "adapter" / "adapter_config.json").write_text("{}")
+    argv = sweep._eval_argv(study.eval, fit)
+    assert argv == ["eval", "--adapter", str(fit / "adapter"), "--tasks", "hellaswag", "--limit", "20"]
+    with pytest.raises(QlitError, match="'limit' must be a whole number"):
+        load_study(write_study(tmp_path, {"strategies": ["qlora"], "eval": {"tasks": ["x"], "limit": 0}}))
+
+
+def test_every_built_in_strategy_parses(tmp_path):
+    """Each built-in fragment is a valid `qlit fit` config (the model's own checks aside), checked as a sweep does."""
+    from qlit.sweep import check_cells
+
+    study = load_study(
+        write_study(
+            tmp_path,
+            {
+                "strategies": {name: None for name in STRATEGIES},
+                "set": {"model.init_args.quantization.compute_dtype": "float32"},
+                "output": str(tmp_path / "out"),
+            },
+        )
+    )
+    refused = check_cells(study)
+    # On the demo's NF4 base, as the README's table says; AdaLoRA needs the run's length from the study.
+    assert set(refused) == {"loha", "lokr", "adalora"}
+    assert "LoHaConfig cannot train on a nf4 base" in refused["loha"]
+    assert refused["adalora"] == "AdaLoRA does not work when `total_step` is None, supply a value > 0."
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_key_the_parser_does_not_know_stops_the_sweep_before_any_cell(tmp_path, capsys):
+    study = write_study(
+        tmp_path,
+        {
+            "output": str(tmp_path / "out"),
+            "strategies": {"full": None, "qlora": {"axes": {"model.init_args.adapter.init_args.rr": [4]}}},
+        },
+    )
+    assert run_main("sweep", str(study)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"qlit sweep: error: study '{study}': cell 'qlora-rr4': model.adapter")
+    assert "'rr'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_the_cells_and_runs_nothing(tmp_path, capsys):
+    study = write_study(
+        tmp_path,
+        {
+            "output": str(tmp_path / "out"),
+            "set": {"model.init_args.quantization.compute_dtype": "float32"},
+            "strategies": {"full": None, "loha": None, "qlora": {"axes": {"model.init_args.adapter.init_args.r": [4]}}},
+        },
+    )
+    assert run_main("sweep", str(study), "--dry-run") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"study: 3 cells, output {tmp_path / 'out'}"
+    assert out[1].split() == ["1.", "full", "full", "fine-tuning", "[to", "run]"]
+    assert "loha" in out[2] and "[will fail: LoHaConfig cannot train on a nf4 base" in out[2]
+    assert out[3].split()[:2] == ["3.", "qlora-r4"] and "QLoRA (NF4 + DQ), r=4" in out[3]
+    assert not (tmp_path / "out").exists()
+
+
+# ----- the shipped studies -------------------------------------------------------------------------------------------
+STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+
+
+def test_each_shipped_study_opens_with_its_command_and_has_both_forms():
+    names = {path.stem for path in STUDIES}
+    offline = {name.removesuffix("_offline") for name in names if name.endswith("_offline")}
+    assert len(offline) == 5 and {name for name in names if not name.endswith(("_offline", "_gpu_random"))} == offline
+    assert {"gpt2_techniques_gpu_random", "qwen_sst2_ranks_gpu_random"} <= names
+    for path in STUDIES:
+        assert path.read_text().splitlines()[0] == f"# qlit sweep configs/studies/{path.name}"
+        study = load_study(path)
+        assert study.name == path.stem and study.output == Path("logs/studies") / path.stem
+        models = {cell.config["model"]["init_args"]["pretrained"] for cell in study.cells}
+        if path.stem.endswith("_offline"):  # nothing to download
+            assert all(m.startswith("qlit-tiny/") for m in models), models
+            assert all(cell.config["trainer"]["accelerator"] == "cpu" for cell in study.cells)
+        elif path.stem.endswith("_gpu_random"):
+            assert all(m.startswith("qlit-random/") for m in models), models
+        else:
+            assert not any(m.startswith("qlit-") for m in models), models
+
+
+@pytest.mark.slow
+def test_each_shipped_study_parses(tmp_path):
+    """Every cell of every shipped study is a valid `qlit fit` config; only the pairs peft cannot train are refused."""
+    import torch
+
+    from qlit.sweep import check_cells
+
+    # The README's support matrix: LoHa and LoKr have no 4-bit layer; DoRA loses the 8-bit scales on a CPU.
+    peft_refused = {"loha-nf4", "lokr-nf4"} | (set() if torch.cuda.is_available() else {"dora-int8"})
+    for path in STUDIES:
+        refused = check_cells(load_study(path, output=tmp_path / path.stem))
+        if path.stem == "peft_quantization":
+            assert set(refused) == peft_refused, refused
+        else:
+            assert refused == {}, (path, refused)
+
+
+# ----- running cells --------------------------------------------------------------------------------------------------
+# Two cells that train plus one the model refuses, on SQuAD (a generation task: latency is measured). The second
+# trains for a fixed time, so that a SIGTERM reaches it mid-training and its rerun still ends.
+RUN_STUDY = {
+    "base": str(ROOT / "configs/demo_squad.yaml"),
+    "description": "A tiny study of the sweep's tests.",
+    "set": {
+        "trainer.max_epochs": -1,
+        "trainer.log_every_n_steps": 1,
+        "trainer.val_check_interval": 2,
+        "trainer.limit_val_batches": 1,
+        "trainer.limit_train_batches": 4,
+        "trainer.num_sanity_val_steps": 0,
+        "checkpoint.monitor": None,
+        "data.init_args.batch_size": 4,
+        "data.init_args.limit_train_samples": 16,
+        "data.init_args.limit_val_samples": 4,
+        "data.init_args.generate_val_samples": 4,
+        "model.init_args.quantization.compute_dtype": "float32",
+    },
+    "strategies": {
+        "full": {"set": {"trainer.max_steps": 2, "model.init_args.optimizer.init_args.lr": 0.0005}},
+        "qlora": {
+            "set": {
+                "trainer.max_steps": 1000,  # a bound for the schedule; max_time ends the run
+                "trainer.max_time": "00:00:00:20",
+                "model.init_args.adapter.init_args.r": 4,
+            }
+        },
+        "loha-nf4": {"from": "loha", "set": {"model.init_args.quantization.mode": "nf4"}},
+    },
+    "after": ["test"],
+}
+
+
+def _sweep(study: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qlit", "sweep", str(study)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
+
+
+def _events(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("events.out.tfevents.*")}
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_rerun(tmp_path_factory):
+    """The study run once and stopped by SIGTERM during its second cell, then run again to the end."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    out = tmp / "out"
+    study = write_study(tmp, {**RUN_STUDY, "name": "tiny", "output": str(out)})
+    first = _sweep(study)
+    fit = out / "runs" / "qlora" / "fit"
+    deadline = time.monotonic() + 1800
+    while first.poll() is None and time.monotonic() < deadline and "train/loss" not in scalars(fit):
+        time.sleep(0.3)
+    first.send_signal(signal.SIGTERM)
+    first_output, _ = first.communicate(timeout=300)
+    first_state = json.loads((out / "sweep.json").read_text())
+    full_events = _events(out / "runs" / "full")
+    partial_events = _events(fit)
+    second = _sweep(study)
+    second_output, _ = second.communicate(timeout=1200)
+    return {
+        "out": out,
+        "first": (first.returncode, first_output, first_state, partial_events),
+        "second": (second.returncode, second_output),
+        "full_events": full_events,
+    }
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_redoes_only_its_unfinished_cells(interrupted_and_rerun):
+    out = interrupted_and_rerun["out"]
+    code, output, state, partial_events = interrupted_and_rerun["first"]
+    assert code == 143, output
+    assert "[1/3] full: done in" in output and "interrupted; run the same command again" in output
+    assert {name: cell["status"] for name, cell in state["cells"].items()} == {"full": "done", "qlora": "interrupted"}
+    assert partial_events  # the stopped cell had begun training
+
+    code, output = interrupted_and_rerun["second"]
+    assert code == 0, output
+    assert "[1/3] full: done earlier, skipped" in output
+    assert "[2/3] qlora: done in" in output
+    assert "[3/3] loha-nf4: failed (refused when the config was read): LoHaConfig cannot train on a nf4 base" in output
+    assert _events(out / "runs" / "full") == interrupted_and_rerun["full_events"]  # untouched
+    redone = _events(out / "runs" / "qlora" / "fit")
+    assert redone and not set(redone) & set(partial_events)  # started again from nothing
+    state = json.loads((out / "sweep.json").read_text())["cells"]
+    assert [state[n]["status"] for n in ("full", "qlora", "loha-nf4")] == ["done", "done", "failed"]
+    assert state["qlora"]["stages"] == ["fit", "test"]
+
+
+@pytest.mark.slow
+def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
+    out = interrupted_and_rerun["out"]
+    with (out / "report.csv").open(newline="") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["full", "qlora", "loha-nf4"]
+    for name in ("full", "qlora"):
+        row = rows[name]
+        logged = scalars(out / "runs" / name / "fit")
+        tested = scalars(out / "runs" / name / "test")
+        assert row["status"] == "done" and row["reason"] == ""
+        assert float(row["peak_memory_gib"]) == pytest.approx(max(v for _, v in logged["cpu/peak_rss_gib"]))
+        assert row["peak_memory_of"] == "cpu rss"
+        ratio = logged["params/trainable"][-1][1] / logged["params/total"][-1][1]
+        assert float(row["params/trainable_ratio"]) == pytest.approx(ratio, rel=1e-6)
+        assert float(row["val/f1"]) == pytest.approx(logged["val/f1"][-1][1])
+        assert float(row["test/f1"]) == pytest.approx(tested["test/f1"][-1][1])
+        assert float(row["val/latency_ms_mean"]) == pytest.approx(logged["val/latency_ms_mean"][-1][1])
+        assert int(row["steps"]) == max(step for series in logged.values() for step, _ in series)
+    assert rows["full"]["params/trainable_ratio"] == "1.0" and rows["full"]["technique"] == "full fine-tuning"
+    assert rows["full"]["steps"] == "2"
+    assert rows["qlora"]["label"] == "QLoRA (NF4 + DQ)" and rows["qlora"]["rank"] == "4"
+    refused = rows["loha-nf4"]
+    assert refused["status"] == "failed" and "LoHaConfig cannot train on a nf4 base" in refused["reason"]
+    assert refused["technique"] == "LoHa on NF4 + DQ" and refused["peak_memory_gib"] == ""
+
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Study: tiny\n\nA tiny study of the sweep's tests.")
+    assert "## SQuAD (qlit-samples/squad), model `qlit-tiny/qwen2`" in report
+    assert "- **LoHa on NF4 + DQ** (`loha-nf4`): failed: LoHaConfig cannot train on a nf4 base" in report
+    # `qlit compare --report` on the study's folder writes the same table.
+    assert run_main("compare", str(out), "--report", str(out.parent / "again")) == 0
+    assert (out.parent / "again" / "report.csv").read_text() == (out / "report.csv").read_text()
+
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    for plot in plots:
+        assert f"](plots/{plot})" in report
+    assert {"val_loss-squad_qlit_samples_squad.png", "speed-squad_qlit_samples_squad.png"} <= set(plots)
+    # F1 against memory, or perplexity where every run's F1 is the same (a tiny random model's is 0).
+    assert any(p.endswith("_vs_memory-squad_qlit_samples_squad.png") for p in plots)
+    assert "### Example generations" in report  # SQuAD answers of both runs, side by side
