@@ -145,9 +145,10 @@ class QlitCLI(LightningCLI):
             raise QlitError(f"trainer.val_check_interval must be above 0, got {interval}.")
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero:
-            for line in fit_summary(self.trainer, self.model):
-                rank_zero_info(line)
+        # Every rank builds the summary, since it reads trainer.log_dir, a broadcast from rank 0 (asked from rank 0
+        # alone, it waits for ranks that have finished); rank_zero_info prints it once.
+        for line in fit_summary(self.trainer, self.model):
+            rank_zero_info(line)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
