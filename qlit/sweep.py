@@ -696,18 +696,12 @@ class Runner:
                 preexec_fn=_die_with_parent,
             )
             try:
-                while True:
-                    try:
-                        code = self.child.wait()
-                        break
-                    except InterruptedError:  # pragma: no cover - wait() retries itself on Python >= 3.5
-                        continue
+                return self.child.wait()  # our signal handler runs meanwhile; wait() resumes after it (PEP 475)
             finally:
                 self.child = None
-        return code
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def _die_with_parent() -> None:  # runs in the child, before exec
     """Linux: the cell gets SIGTERM (and checkpoints) if the sweep itself is killed, rather than running on alone."""
     if sys.platform.startswith("linux"):
         import ctypes
