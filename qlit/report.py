@@ -138,12 +138,12 @@ def report_rows(entries: Sequence[Entry]) -> list[Row]:
 
 
 def _distinct_labels(rows: list[Row]) -> None:
-    """Labels told apart: the rank where it differs, else the run's name."""
+    """Labels told apart within a task (the tables and plots are per task): by the rank, else by the run's name."""
     for attempt in ("rank", "run"):
-        seen: dict[str, list[Row]] = {}
+        seen: dict[tuple[Any, str], list[Row]] = {}
         for row in rows:
-            seen.setdefault(row["label"], []).append(row)
-        for label, same in seen.items():
+            seen.setdefault((row.get("task"), row["label"]), []).append(row)
+        for (_, label), same in seen.items():
             if len(same) < 2:
                 continue
             for row in same:

@@ -57,13 +57,29 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_LIGHTNING_NOISE)
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def quiet_console() -> None:
     """Keep the libraries' notes to their own developers off the console of a ``qlit`` run (README, "The console").
 
     Deprecation notices raised inside PyTorch, transformers, peft, Lightning and the rest go (Lightning's own
     ``LightningDeprecationWarning``, about options a config may use, stays), unless ``python -W`` or
     ``PYTHONWARNINGS`` asks for warnings; transformers' bar over the weights it loads goes (the hub's download bars
-    stay); Lightning's advert and its lines about absent TPUs go.
+    stay); Lightning's advert and its lines about absent TPUs go; bitsandbytes' note that an 8-bit layer casts its
+    inputs to float16, logged at every call, shows once.
     """
     if not sys.warnoptions:
         for category in (DeprecationWarning, FutureWarning):
@@ -75,6 +91,9 @@ def quiet_console() -> None:
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _not_noise not in rank_zero.filters:
         rank_zero.addFilter(_not_noise)
+    int8 = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in int8.filters):
+        int8.addFilter(_Once())
 
 
 def fit_summary(trainer: Trainer, module: Any) -> list[str]:

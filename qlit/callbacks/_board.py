@@ -4,6 +4,8 @@ that opens on the numbers runs are compared by. Written once per run by the ``pa
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +33,7 @@ def task_specs(pl_module: LightningModule) -> list[MetricSpec]:
     """The module's task metrics that a comparison shows, the main one first, named as logged (``val/<name>``)."""
     task = getattr(pl_module, "task", None)
     specs = [s for s in getattr(task, "metric_specs", ()) if s.aggregate]
-    return [MetricSpec(f"val/{s.name}", s.unit, s.higher_is_better, main=s.main) for s in sorted(specs, key=_minor)]
+    return [dataclasses.replace(s, name=f"val/{s.name}") for s in sorted(specs, key=_minor)]
 
 
 def cost_specs(trainer: Trainer) -> list[MetricSpec]:
@@ -108,7 +110,7 @@ def write_end(logger: TensorBoardLogger, status: str) -> None:
 
 def _exact(tag: str) -> str:
     """A custom-scalars chart selects tags by regular expression: exactly ``tag``."""
-    return "^" + tag.replace(".", r"\.") + "$"
+    return "^" + re.escape(tag) + "$"
 
 
 def _minor(spec: MetricSpec) -> bool:

@@ -102,8 +102,10 @@ class TrainableParamsMonitor(Callback):
         super().__init__()
         self.log_hparams = log_hparams
         self.metrics: dict[str, float] = {}
-        # TensorBoard loggers whose HPARAMS session this fit opened (rank 0), closed at its end.
+        # TensorBoard loggers whose HPARAMS session this fit opened (rank 0), closed at its end; the run directories
+        # that have their record.
         self._sessions: list[TensorBoardLogger] = []
+        self._recorded: set[str] = set()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After configure_model and the strategy's set-up, so the model is loaded, quantized and wrapped by peft.
@@ -145,13 +147,14 @@ class TrainableParamsMonitor(Callback):
         if not hparams:
             return
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(hparams)
+            elif logger.log_dir not in self._recorded:  # a second fit into the same run adds no second record
                 _board.write_records(
                     logger, hparams, _board.study_tags(trainer, pl_module), _board.layout(trainer, pl_module)
                 )
+                self._recorded.add(logger.log_dir)
                 self._sessions.append(logger)
-            else:
-                logger.log_hyperparams(hparams)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end("interrupted" if trainer.interrupted else "success")

@@ -1,7 +1,10 @@
 """The console of `qlit fit`: what informs (the run's own lines, the progress bar), none of the libraries' noise, and
 at the end where the run, the adapter and the last checkpoint went."""
 
+import logging
 from pathlib import Path
+
+from qlit.trainer_cli import quiet_console
 
 NOISE = (
     "litlogger",  # Lightning's advert
@@ -33,3 +36,17 @@ def test_a_fit_ends_with_where_the_run_adapter_and_checkpoint_went(demo_run):
     # Paths relative to where qlit ran, and there.
     assert (demo_run.cwd / run_dir / "adapter" / "adapter_config.json").is_file()
     assert (demo_run.cwd / Path(checkpoint.split()[-1])).is_file()
+
+
+def test_a_library_note_logged_at_every_call_shows_once(caplog):
+    # bitsandbytes logs this at every 8-bit matmul whose input is not float16: thousands of lines in an int8 demo.
+    quiet_console()
+    int8 = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            int8.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        int8.warning("another note")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+        "another note",
+    ]
