@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from qlit.callbacks import _board
 from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
 from qlit.metrics import MetricSpec
-from qlit.models.bitnet import bitnet_weight_bytes
+from qlit.models.bitnet import PackedBitLinear, bitnet_weight_bytes
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -32,7 +32,9 @@ def logical_numel(param: torch.Tensor) -> int:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameters of ``model``, shared parameters once; agrees with peft's
-    ``PeftModel.get_nb_trainable_parameters()``.
+    ``PeftModel.get_nb_trainable_parameters()``, except that a packed BitNet layer's frozen ternary weight, a buffer
+    peft does not see, counts as the ``out × in`` parameters it stands for (so QLoRA + BitNet reports the model's
+    size, not its embeddings').
     """
     trainable = total = 0
     for param in model.parameters():
@@ -40,6 +42,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         if param.requires_grad:
             trainable += n
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedBitLinear))
     return trainable, total
 
 

@@ -55,3 +55,17 @@ def test_callback_logs_scalars_and_hparams_with_the_module_hparams():
     assert scalars["params/weight_gib"] == pytest.approx((total * 4 + buffers) / 2**30)
     first = logger.hparams[0]  # the first record is the one TensorBoard shows: it must hold both
     assert first["params/trainable"] == total and first["train_seconds"] == 0.25
+
+
+def test_a_packed_bitnet_base_with_lora_counts_its_ternary_weights(tiny_dir: str):
+    # QLoRA + BitNet: the frozen ternary weights are uint8 buffers, four to a byte; the total is still the model's.
+    from qlit.models.bitnet import apply_bitnet
+
+    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    full_params = sum(p.numel() for p in full.parameters())
+    apply_bitnet(full, mode="frozen")
+    assert not any(isinstance(m, torch.nn.Linear) and "weight" in m._parameters for m in full.model.layers.modules())
+    model = peft.get_peft_model(full, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable, total = count_parameters(model)
+    assert trainable == 1792  # as on the 4-bit base above
+    assert total == full_params + trainable
