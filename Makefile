@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff format --check qlit tests tools
 
 tensorboard: setup
-	$(BIN)/tensorboard --logdir logs
+	$(BIN)/qlit board logs
 
 clean:
 	rm -rf logs/*/ .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "eval": "score a run on lm-evaluation-harness benchmarks (MMLU, HellaSwag, your own tasks)",
     "compare": "runs side by side: a table, CSV and plots",
     "sweep": "run a study (strategies × axes), one run per cell, then a report",
+    "board": "TensorBoard on the runs, opening on loss, task metric, memory and tokens/s",
 }
 
 HELP = (
@@ -198,6 +199,11 @@ def main(args: Any = None) -> None:
             from qlit.compare import main as compare_main
 
             compare_main(argv[1:])
+            return
+        if argv[0] == "board":  # TensorBoard with the study's cards pinned; handles its own errors
+            from qlit.board import main as board_main
+
+            board_main(argv[1:])
             return
         if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
             from qlit.sweep import main as sweep_main

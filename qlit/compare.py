@@ -356,7 +356,22 @@ def _qlit_base_hparams(run_dir: Path) -> dict[str, Any]:
     return {
         "pretrained": base.get("pretrained"),
         "quantization": quantization.get("mode") if isinstance(quantization, dict) else None,
+        "adapter": _adapter_class(run_dir / "adapter"),
     }
+
+
+def _adapter_class(adapter_dir: Path) -> str | None:
+    """The peft config class of a saved adapter (``LoraConfig``), from its ``adapter_config.json``'s ``peft_type``."""
+    try:
+        peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(peft_type, str):
+        return None
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    return config.__name__ if config is not None else None
 
 
 def _natural_key(path: Path) -> list[Any]:

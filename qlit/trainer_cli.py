@@ -108,7 +108,7 @@ def fit_summary(trainer: Trainer, module: Any) -> list[str]:
     checkpoint = trainer.checkpoint_callback
     last = checkpoint and (getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path)
     return [
-        f"Run:        {_shown(run)} (tensorboard --logdir {_shown(run.parent)})",
+        f"Run:        {_shown(run)} (qlit board {_shown(run.parent)})",
         f"{label + ':':<12}{weights}",
         f"Checkpoint: {_shown(Path(last)) if last else 'none written'}",
     ]

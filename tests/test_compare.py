@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -371,3 +372,24 @@ def test_generations_read_back_from_the_text_the_task_logs():
 
     samples = [("Q: 1+1?", "2\nand more", "2"), ("Q: 2+2?", "", "4")]
     assert parse_samples(format_samples(samples)) == [("Q: 1+1?", "2\nand more", "2"), ("Q: 2+2?", "", "4")]
+
+
+def test_a_run_known_only_by_its_saved_adapter_is_named_by_it(tmp_path):
+    # No HPARAMS record and no config.yaml (an adapter scored by `qlit eval` outside a fit): the technique comes from
+    # qlit_base.json (base, quantization) and the adapter's own adapter_config.json (peft_type).
+    run_dir = tmp_path / "scored" / "version_0"
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_scalar("eval/mc/acc", 0.5, 3)
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "qlit_base.json").write_text(
+        json.dumps({"pretrained": "qlit-tiny/qwen2", "quantization": {"mode": "nf4", "double_quant": False}})
+    )
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (row,) = table(collect_runs([tmp_path]))
+    assert (row["quantization"], row["adapter"], row["technique"]) == ("nf4", "IA3Config", "IA3 on NF4")
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (row,) = table(collect_runs([tmp_path]))
+    assert row["technique"] == "QLoRA (NF4)"
+    (run_dir / "adapter" / "adapter_config.json").write_text("{not json")
+    (row,) = table(collect_runs([tmp_path]))
+    assert row["technique"] == "? on NF4"  # a damaged file names no method, and breaks nothing

@@ -82,3 +82,37 @@ def test_layout_opens_on_loss_task_metric_memory_throughput_and_latency(demo_run
     assert all(shown(regexes) for _, regexes in charts), charts
     every = {tag for _, regexes in charts for tag in shown(regexes)}
     assert {"val/perplexity", "cpu/peak_rss_gib", "train/tokens_per_sec", "val/latency_ms_mean"} <= every
+
+
+def test_qlit_board_pins_loss_the_task_metric_memory_and_tokens_per_second(demo_run, tmp_path):
+    """TensorBoard's TIME SERIES tab unfolds the first two groups by name (cpu/…, epoch); the URL `qlit board` prints
+    pins what a study compares above them, read from the runs' HPARAMS records."""
+    import json
+    import subprocess
+    import sys
+    from urllib.parse import parse_qs, urlsplit
+
+    logs = demo_run.run_dir.parent.parent  # logs/demo/version_0 -> logs
+    done = subprocess.run(
+        [sys.executable, "-m", "qlit", "board", str(logs), "--print-url"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    url = urlsplit(done.stdout.strip())
+    assert url.path == "/" and url.fragment == "timeseries"
+    cards = json.loads(parse_qs(url.query)["pinnedCards"][0])
+    assert [card["tag"] for card in cards] == [
+        *("train/loss", "val/loss", "val/accuracy", "cpu/peak_rss_gib", "train/tokens_per_sec"),
+        "val/latency_ms_mean",
+    ]
+    assert {card["plugin"] for card in cards} == {"scalars"}
+    # A folder without runs opens TensorBoard's own first screen; a missing one is one sentence.
+    empty = subprocess.run(
+        [sys.executable, "-m", "qlit", "board", str(tmp_path), "--print-url"], capture_output=True, text=True
+    )
+    assert (empty.returncode, empty.stdout.strip()) == (0, "/#timeseries")
+    missing = subprocess.run(
+        [sys.executable, "-m", "qlit", "board", str(tmp_path / "nope"), "--print-url"], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    sentence = f"'{tmp_path / 'nope'}' is not a folder: pass the folder the runs are in (default: logs)."
+    assert missing.stderr.strip() == f"qlit board: error: {sentence}"

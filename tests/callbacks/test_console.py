@@ -30,7 +30,7 @@ def test_a_fit_shows_its_own_lines_and_no_library_noise(demo_run):
 def test_a_fit_ends_with_where_the_run_adapter_and_checkpoint_went(demo_run):
     run, adapter, checkpoint = demo_run.stderr.strip().splitlines()[-3:]
     run_dir = demo_run.run_dir.relative_to(demo_run.cwd)
-    assert run == f"Run:        {run_dir} (tensorboard --logdir {run_dir.parent})"
+    assert run == f"Run:        {run_dir} (qlit board {run_dir.parent})"
     assert adapter == f"Adapter:    {run_dir / 'adapter'} (peft format)"
     assert checkpoint == f"Checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}"
     # Paths relative to where qlit ran, and there.
