@@ -544,12 +544,19 @@ def check_cells(study: Study, cells: Sequence[Cell] | None = None) -> dict[str, 
     model_parser.add_lightning_class_args(QLitModule, "model", subclass_mode=True)
     instantiate = getattr(model_parser, "instantiate", None) or model_parser.instantiate_classes
     refused: dict[str, str] = {}
+    cli: ParseOnly | None = None  # one parser for every cell: building LightningCLI's parser is the slow part
     for cell in study.cells if cells is None else cells:
         where = f"study '{study.path}': cell '{cell.name}'"
         try:
             with warnings.catch_warnings():  # "args and sys.argv both given": the sweep's own argv, not a mistake
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                parsed = ParseOnly(args=cell_config(study, cell), run=False).config
+                if cli is None:
+                    cli = ParseOnly(args=cell_config(study, cell), run=False)
+                else:  # the steps of LightningCLI.__init__ up to instantiation, on the same parser
+                    cli.parse_arguments(cli.parser, cell_config(study, cell))
+                    cli._parse_ckpt_path()
+                    cli.before_instantiate_classes()
+                parsed = cli.config
         except ArgumentError as err:
             raise QlitError(f"{where}: {concise_parse_error(str(err))}.") from None
         except (QlitError, ValueError) as err:

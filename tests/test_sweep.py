@@ -338,6 +338,7 @@ def interrupted_and_rerun(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("interrupted_sweep")  # one worker runs the fixture's two sweeps, for both tests
 def test_an_interrupted_sweep_redoes_only_its_unfinished_cells(interrupted_and_rerun):
     out = interrupted_and_rerun["out"]
     code, output, state, partial_events = interrupted_and_rerun["first"]
@@ -360,6 +361,7 @@ def test_an_interrupted_sweep_redoes_only_its_unfinished_cells(interrupted_and_r
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("interrupted_sweep")
 def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
     out = interrupted_and_rerun["out"]
     with (out / "report.csv").open(newline="") as f:
