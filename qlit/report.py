@@ -489,7 +489,7 @@ def _loss_curves(
     path: Path,
 ) -> Path | None:
     """Loss by optimizer step and, where the runs logged ``train/tokens_seen``, by tokens trained."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     curves = []
     for row in rows:
@@ -520,6 +520,7 @@ def _loss_curves(
     axes[0].set_ylabel(f"{what} loss (nats/token), lower is better")
     if by_tokens:
         axes[1].set_xlabel("tokens trained")
+        axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))  # 150k, 1.2M: not 150000 or an offset
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
