@@ -79,7 +79,8 @@ def quiet_console() -> None:
     ``LightningDeprecationWarning``, about options a config may use, stays), unless ``python -W`` or
     ``PYTHONWARNINGS`` asks for warnings; transformers' bar over the weights it loads goes (the hub's download bars
     stay); Lightning's advert and its lines about absent TPUs go; bitsandbytes' note that an 8-bit layer casts its
-    inputs to float16, logged at every call, shows once.
+    inputs to float16, logged at every call, shows once; Liger's notes that its back-ends for other hardware could
+    not be imported go.
     """
     if not sys.warnoptions:
         for category in (DeprecationWarning, FutureWarning):
@@ -94,6 +95,19 @@ def quiet_console() -> None:
     int8 = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Once) for f in int8.filters):
         int8.addFilter(_Once())
+    liger = logging.getLogger("liger_kernel.backends.registry")
+    if _not_other_hardware not in liger.filters:
+        liger.addFilter(_not_other_hardware)
+
+
+#: Liger's optional kernel back-ends for other hardware or extra packages (Ascend NPUs, NVIDIA's CuTe DSL): each
+#: logs that it could not be imported at the first use of its op; its Triton kernels, the ones qlit uses, run.
+_OPTIONAL_LIGER_BACKENDS = ("._ascend.", "._cutedsl.")
+
+
+def _not_other_hardware(record: logging.LogRecord) -> bool:
+    path = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+    return not (isinstance(path, str) and any(part in path for part in _OPTIONAL_LIGER_BACKENDS))
 
 
 def fit_summary(trainer: Trainer, module: Any) -> list[str]:

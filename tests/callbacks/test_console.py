@@ -55,3 +55,16 @@ def test_a_library_note_logged_at_every_call_shows_once(caplog):
         "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
         "another note",
     ]
+
+
+def test_liger_notes_about_other_hardware_go_and_its_other_warnings_stay(caplog):
+    quiet_console()
+    registry = logging.getLogger("liger_kernel.backends.registry")
+    note = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level(logging.WARNING):
+        registry.warning(note, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        registry.warning(note, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
+        registry.warning(note, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "broken")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Backend impl 'liger_kernel.ops.backends._triton.rope' for op 'rope' could not be imported: ImportError: broken"
+    ]
