@@ -56,7 +56,8 @@ def pinned_tags(logdir: str | Path, limit: int = PINNED) -> list[str]:
 
     order: dict[str, int] = {}
     for run_dir in find_run_dirs(logdir):
-        for position, tag in enumerate(run_study_tags(run_dir)):
+        tags = [tag for tag in run_study_tags(run_dir) if tag != "hp_metric"]  # Lightning's placeholder (older runs)
+        for position, tag in enumerate(tags):
             order[tag] = min(order.get(tag, position), position)
     study = sorted(order, key=lambda tag: (order[tag], tag))
     return ["train/loss", *study[:limit]] if study else []

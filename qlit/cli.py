@@ -180,6 +180,11 @@ def main(args: Any = None) -> None:
         print(HELP, end="")
         raise SystemExit(0 if argv else 2)
     _quiet_third_party()
+    if argv[0] == "board":  # TensorBoard with the study's cards pinned; handles its own errors, loads no PyTorch
+        from qlit.board import main as board_main
+
+        board_main(argv[1:])
+        return
     if argv[0] == "eval":  # handles its own errors; its --help loads neither PyTorch nor Lightning
         from qlit.evaluate import main as eval_main
 
@@ -199,11 +204,6 @@ def main(args: Any = None) -> None:
             from qlit.compare import main as compare_main
 
             compare_main(argv[1:])
-            return
-        if argv[0] == "board":  # TensorBoard with the study's cards pinned; handles its own errors
-            from qlit.board import main as board_main
-
-            board_main(argv[1:])
             return
         if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
             from qlit.sweep import main as sweep_main
