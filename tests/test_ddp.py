@@ -159,6 +159,7 @@ def test_fsdp_qlora_config_builds_a_sharding_strategy_by_decoder_layer(capsys):
     quantization = Quantization(**model["quantization"])
     assert quantization.quant_storage == quantization.compute_dtype == model["dtype"] == "bfloat16"
     assert model["gradient_checkpointing"] is False and model["prepare_kbit"] is False
+    assert model["save_adapter"] is False  # the end-of-fit export would read FSDP shards on rank 0 alone
 
 
 def test_nf4_stored_as_bf16_packs_its_weights_in_bf16_and_trains_a_step(tmp_path, tiny_qwen2):
