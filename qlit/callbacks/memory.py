@@ -1,4 +1,5 @@
-"""GPU memory (allocated, reserved, per-epoch peaks) during training; the process's peak RSS where there is no GPU."""
+"""GPU memory (allocated, reserved, per-epoch peaks) per device during training, the largest over the devices; the
+process's peak RSS where there is no GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from qlit.callbacks._common import GIB, log_to_loggers, optimizer_step_done
 from qlit.metrics import MetricSpec
@@ -21,7 +22,7 @@ def peak_rss_bytes() -> int:
 
 
 class GPUMemoryMonitor(Callback):
-    """Log rank 0's GPU memory every N optimizer steps and at each training epoch's end.
+    """Log GPU memory per device every N optimizer steps and at each training epoch's end.
 
     ``gpu/allocated_gib`` and ``gpu/reserved_gib`` are the memory in use by tensors and held by PyTorch's caching
     allocator now; ``gpu/peak_allocated_gib`` and ``gpu/peak_reserved_gib`` their peaks since the current training
@@ -29,6 +30,10 @@ class GPUMemoryMonitor(Callback):
     epoch's peak, validation included). The numbers come from the allocator's own counters, which cost no device
     synchronisation. Without CUDA the process's peak resident memory is logged instead (``cpu/peak_rss_gib``, since
     the process started), which one info line says at set-up.
+
+    Every value is one device's (one process's) own, never a sum: under several processes each rank reads its own
+    device and the largest value over the ranks is logged (one ``all_reduce`` per log), the memory the fullest device
+    needs, which is what decides whether a run fits.
 
     Args:
         log_every_n_steps: Log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
@@ -79,7 +84,6 @@ class GPUMemoryMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
 
-    @rank_zero_only
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self._device)
@@ -109,6 +113,14 @@ class GPUMemoryMonitor(Callback):
             "gpu/peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GIB,
         }
 
-    @rank_zero_only
     def _log(self, trainer: Trainer) -> None:
-        log_to_loggers(trainer, self.read())
+        log_to_loggers(trainer, self._largest_over_ranks(trainer, self.read()))
+
+    def _largest_over_ranks(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
+        # Called by every rank at the same steps (the global step is the same on all): a collective.
+        dist = torch.distributed
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return values
+        gathered = torch.tensor(list(values.values()), dtype=torch.float64, device=self._device)
+        dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
+        return dict(zip(values, gathered.tolist(), strict=True))

@@ -62,8 +62,9 @@ class QLitDataModule(pl.LightningDataModule):
         packing: train on padding-free packed batches (:class:`~qlit.data.batching.PackingCollator`): whole samples
             back to back in one row, attention kept within each sample. ``None``: :attr:`packing_default`, which
             ``QLitModule`` sets: on where its variable-length attention kernel runs (CUDA), off for prompt-learning
-            adapters and, for now, under several processes; ``true`` insists. Validation, test and predict
-            batches are always padded rows.
+            adapters; ``true`` insists. Under several processes every rank plans the same packed batches and trains
+            every N-th, with as many batches per rank (the largest batches are split to even out the last round, so
+            every sample trains once per epoch). Validation, test and predict batches are always padded rows.
         max_tokens: with packing, the token budget of one batch (bounds its memory); ``None``: ``batch_size`` ×
             ``max_length``, the most tokens ``batch_size`` padded rows can hold — the same memory bound, filled with
             real tokens instead of padding (as sample packing in Axolotl or TRL does). A step then trains more
@@ -350,7 +351,7 @@ class QLitDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rows = self.datasets[split].with_format(None)
-        packed = shuffle and self.packs(world)
+        packed = shuffle and self.packs()
         return data_loader(
             rows,
             PackingCollator() if packed else Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
@@ -365,14 +366,13 @@ class QLitDataModule(pl.LightningDataModule):
             batches_done=self._batches_done if shuffle else None,
         )
 
-    def packs(self, world_size: int = 1) -> bool:
-        """Whether training batches are packed (``packing``, resolved for ``world_size`` processes)."""
-        if self.packing and world_size > 1:
-            # Lightning re-creates a multi-process train loader around its own DistributedSampler, which a token
-            # budget's batches cannot go through; sharding packed batches by rank comes with multi-GPU support.
-            raise QlitError("data.packing is not available with several processes yet: set data.packing: false.")
-        wanted = self.packing if self.packing is not None else self.packing_default
-        return wanted and world_size == 1
+    def packs(self) -> bool:
+        """Whether training batches are packed (``packing``, or its default where ``None``).
+
+        The same under several processes: each rank trains its own share of the packed batches (see
+        :class:`~qlit.data.batching.TokenBudgetBatchSampler`).
+        """
+        return self.packing if self.packing is not None else self.packing_default
 
     def _token_budget(self, rows: Any) -> int:
         if self.max_tokens is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qlit.batch import IGNORE_INDEX, TOKEN_KEYS, Batch
 
@@ -93,16 +93,23 @@ class PackingCollator:
         }
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
+class TokenBudgetBatchSampler(DistributedSampler):
     """Batches of whole rows holding at most ``max_tokens`` tokens together, in an order fixed by ``(seed, epoch)``.
 
     Rows are taken in the epoch's shuffled order and a batch closes when the next row would overflow the budget, so
-    memory is bounded by the budget rather than by the longest row, and a resumed run sees the same batches. Under
-    several processes every rank plans the same batches and takes every ``world_size``-th, the last incomplete round
-    dropped so that all ranks step together.
+    memory is bounded by the budget rather than by the longest row, and a resumed run sees the same batches.
 
-    The row order is :attr:`sampler`, an :class:`EpochSeededSampler`: Lightning sets the epoch of a batch sampler's
-    ``sampler``, not of the batch sampler itself.
+    Under several processes every rank plans the same batches (the order depends only on the seed and the epoch, the
+    budget only on the split) and takes every ``world_size``-th. Every rank must take as many batches as the others,
+    or one would wait forever in a gradient all-reduce the others never join; so when the epoch's batch count is not a
+    multiple of ``world_size``, the batches with the most tokens are split in two (each half is within the budget)
+    until it is. Every sample is then trained exactly once per epoch, neither dropped nor repeated; only an epoch
+    with fewer rows than processes repeats its first batches to fill the last round.
+
+    It yields one list of row numbers per batch and is a ``DistributedSampler``, so that a DataLoader built around it
+    with ``batch_size=None`` is left as it is by Lightning, which otherwise re-creates a multi-process training
+    loader around its own row sampler (which a token budget's batches cannot go through). Lightning calls
+    :meth:`set_epoch` at every epoch start.
 
     Args:
         lengths: tokens of each row.
@@ -122,27 +129,24 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         rank: int = 0,
     ) -> None:
+        super().__init__(list(lengths), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
-        self.sampler = EpochSeededSampler(len(self.lengths), seed, shuffle)
         self.world_size = world_size
-        self.rank = rank
         self._plan: tuple[int, list[list[int]]] | None = None
 
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
+    def order(self) -> list[int]:
+        """The epoch's row order (``EpochSeededSampler``'s: one permutation seeded by ``seed + epoch``)."""
+        rows = EpochSeededSampler(len(self.lengths), self.seed, self.shuffle)
+        rows.set_epoch(self.epoch)
+        return list(rows)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def _batches(self) -> list[list[int]]:
-        if self._plan is not None and self._plan[0] == self.epoch:
-            return self._plan[1]
+    def plan(self) -> list[list[int]]:
+        """Every rank's batches of the epoch, in order: batch ``i`` goes to rank ``i % world_size``."""
         batches: list[list[int]] = []
         current: list[int] = []
         tokens = 0
-        for index in self.sampler:
+        for index in self.order():
             n = self.lengths[index]
             if current and tokens + n > self.max_tokens:
                 batches.append(current)
@@ -151,18 +155,46 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             tokens += n
         if current:
             batches.append(current)
-        rounds = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        mine = batches[self.rank :: self.world_size][:rounds]
-        self._plan = (self.epoch, mine)
-        return mine
+        return self._even_out(batches)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _even_out(self, batches: list[list[int]]) -> list[list[int]]:
+        while len(batches) % self.world_size:
+            splittable = [i for i, batch in enumerate(batches) if len(batch) > 1]
+            if not splittable:
+                # Fewer rows than processes: the last round repeats the first batches.
+                short = -len(batches) % self.world_size
+                return batches + [batches[i % len(batches)] for i in range(short)]
+            i = max(splittable, key=lambda i: (sum(self.lengths[j] for j in batches[i]), i))
+            half = len(batches[i]) // 2
+            batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
+        return batches
+
+    def _batches(self) -> list[list[int]]:
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self.plan()[self.rank :: self.world_size])
+        return self._plan[1]
+
+    def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
         # Planned at the first batch, not when iter() is called: Lightning creates a resumed run's iterator before it
         # sets the epoch.
         yield from self._batches()
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class _RowsByBatch(Dataset):
+    """A split read one batch at a time: indexed by the list of row numbers :class:`TokenBudgetBatchSampler` yields."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: list[int]) -> list[Any]:
+        getitems = getattr(self.rows, "__getitems__", None)  # a datasets.Dataset reads the rows in one go
+        return getitems(list(indices)) if getitems is not None else [self.rows[i] for i in indices]
 
 
 def data_loader(
@@ -185,10 +217,11 @@ def data_loader(
         rows: the tokenised split (a ``datasets.Dataset`` without a format: rows come as dicts of lists).
         collator: turns a list of rows into a batch.
         batch_size: rows per batch (without ``max_tokens``).
-        max_tokens: batch by a token budget instead (:class:`TokenBudgetBatchSampler`): as many whole rows as fit.
+        max_tokens: batch by a token budget instead (:class:`TokenBudgetBatchSampler`): as many whole rows as fit;
+            under several processes each rank trains its own share of the batches.
         shuffle: train order (seeded per epoch); ``False``: the split's order.
         seed: seed of the train order.
-        world_size: processes that evaluate together; each evaluation row goes to exactly one of them.
+        world_size: processes that train or evaluate together; each evaluation row goes to exactly one of them.
         rank: this process's rank among them.
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory for faster host-to-GPU copies.
@@ -204,7 +237,8 @@ def data_loader(
     if max_tokens is not None:
         lengths = [len(ids) for ids in _column(rows, "input_ids")]
         budget = TokenBudgetBatchSampler(lengths, max_tokens, seed, shuffle, world_size=world_size, rank=rank)
-        return ResumableDataLoader(rows, batch_sampler=budget, **loader_kwargs)
+        # batch_size=None: the sampler's items are whole batches, which the collator receives as lists of rows.
+        return ResumableDataLoader(_RowsByBatch(rows), sampler=budget, batch_size=None, **loader_kwargs)
     sampler: Sampler[int] = EpochSeededSampler(len(rows), seed, shuffle=shuffle)
     if not shuffle and 1 < world_size <= len(rows):
         # Lightning's default DistributedSampler repeats rows to even out the ranks, so some would be scored (and

@@ -1,4 +1,5 @@
-"""Two CPU processes (DDP over gloo): throughput is summed over ranks and generation latency gathered from both."""
+"""Two CPU processes (DDP over gloo): throughput is summed over ranks, generation latency gathered from both, and
+memory is each rank's own, the largest logged."""
 
 import pytest
 import torch
@@ -7,8 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_lm import BATCH, LENGTHS, SEQ, FakeClock, TinyLM, cpu_trainer, loader
 
 import qlit.callbacks.latency as latency
+import qlit.callbacks.memory as memory
 import qlit.callbacks.throughput as throughput
-from qlit.callbacks import InferenceLatencyMonitor, TokenThroughputMonitor
+from qlit.callbacks import GPUMemoryMonitor, InferenceLatencyMonitor, TokenThroughputMonitor
 
 PROBE_TOKENS = 2
 
@@ -25,7 +27,12 @@ class RankClock:
         return self.now
 
 
-def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest.MonkeyPatch):
+def _rank_rss() -> int:
+    """A peak resident memory of 1 GiB on rank 0 and 3 GiB on rank 1."""
+    return (1 + 2 * torch.distributed.get_rank()) * 2**30
+
+
+def test_two_ranks_sum_tokens_gather_latencies_and_log_the_largest_memory(tmp_path, monkeypatch: pytest.MonkeyPatch):
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("forked ranks need a parent without CUDA initialised (an earlier GPU test used it)")
     clock = FakeClock()
@@ -34,6 +41,7 @@ def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest
     monkeypatch.setattr(throughput, "perf_counter", clock)  # forked ranks inherit the patch and their own clock
     # Rank 1 generates twice as slowly as rank 0.
     monkeypatch.setattr(latency, "perf_counter", RankClock((0.1, 0.2)))
+    monkeypatch.setattr(memory, "peak_rss_bytes", _rank_rss)
     logger = TensorBoardLogger(tmp_path, name="ddp", version=0)  # the parent must not pick a new one
     trainer = cpu_trainer(
         devices=2,
@@ -45,6 +53,7 @@ def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest
         callbacks=[
             TokenThroughputMonitor(warmup_steps=0, log_every_n_steps=1),
             InferenceLatencyMonitor(probe_new_tokens=PROBE_TOKENS),
+            GPUMemoryMonitor(log_every_n_steps=1),
         ],
     )
     module = TinyLM(clock=clock, train_seconds=0.5)
@@ -66,3 +75,6 @@ def test_two_ranks_sum_tokens_and_gather_latencies(tmp_path, monkeypatch: pytest
     # Ranks generate in parallel: 2 × 2 tokens in 2 × 0.1 s plus 2 × 2 in 2 × 0.2 s.
     rate = BATCH * PROBE_TOKENS / (BATCH * 0.1) + BATCH * PROBE_TOKENS / (BATCH * 0.2)
     assert scalars["val/gen_tokens_per_sec"][-1][1] == pytest.approx(rate)
+    # Memory is per device, never summed (that would be 4 GiB): the largest rank's, rank 1's, at every log.
+    assert [s for s, _ in scalars["cpu/peak_rss_gib"]][:2] == [1, 2]
+    assert [v for _, v in scalars["cpu/peak_rss_gib"]] == [3.0] * len(scalars["cpu/peak_rss_gib"])
