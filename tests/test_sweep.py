@@ -245,7 +245,8 @@ def test_each_shipped_study_opens_with_its_command_and_has_both_forms():
 
 
 @pytest.mark.slow
-def test_each_shipped_study_parses(tmp_path):
+@pytest.mark.parametrize("path", STUDIES, ids=lambda path: path.stem)  # one test each: spread over test workers
+def test_each_shipped_study_parses(tmp_path, path):
     """Every cell of every shipped study is a valid `qlit fit` config; only the pairs peft cannot train are refused."""
     import torch
 
@@ -253,12 +254,11 @@ def test_each_shipped_study_parses(tmp_path):
 
     # The README's support matrix: LoHa and LoKr have no 4-bit layer; DoRA loses the 8-bit scales on a CPU.
     peft_refused = {"loha-nf4", "lokr-nf4"} | (set() if torch.cuda.is_available() else {"dora-int8"})
-    for path in STUDIES:
-        refused = check_cells(load_study(path, output=tmp_path / path.stem))
-        if path.stem == "peft_quantization":
-            assert set(refused) == peft_refused, refused
-        else:
-            assert refused == {}, (path, refused)
+    refused = check_cells(load_study(path, output=tmp_path / path.stem))
+    if path.stem == "peft_quantization":
+        assert set(refused) == peft_refused, refused
+    else:
+        assert refused == {}, (path, refused)
 
 
 # ----- running cells --------------------------------------------------------------------------------------------------
