@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/qlit fit --config $(CONFIG)
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 lint: setup
 	$(BIN)/ruff check qlit tests tools

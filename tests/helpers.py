@@ -50,3 +50,12 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+def write_study(tmp_path: Path, study: dict, name: str = "study.yaml") -> Path:
+    """A study file over ``configs/demo.yaml`` (unless ``study`` names its own base)."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"), **study}, sort_keys=False))
+    return path

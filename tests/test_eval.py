@@ -23,9 +23,6 @@ from qlit.models.loading import load_causal_lm, load_tokenizer
 from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
-# Its tests share module fixtures: one test worker runs them all (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_eval")
-
 #: Task YAMLs beside this file; their data is qlit_mc.jsonl in the working folder, which the tests write.
 TASKS = ROOT / "tests" / "eval_tasks"
 

@@ -22,9 +22,6 @@ from qlit.models.loading import load_causal_lm
 from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
-# Its tests share module fixtures: one test worker runs them all (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_export")
-
 # Neither peft nor a quantization library is needed to load an exported model: these files must not be there.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "qlit_base.json")
 

@@ -15,9 +15,6 @@ from qlit.errors import QlitError
 from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
-# Its tests share module fixtures: one test worker runs them all (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_module")
-
 DEMO = "configs/demo.yaml"
 # 6 optimizer steps of the demo config, logged every step, validated at the end.
 SIX_STEPS = (

@@ -20,9 +20,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from qlit.data.batching import data_loader
 from qlit.trainer_cli import TRAINER_DEFAULTS, QlitCLI
 
-# Its tests share module fixtures: one test worker runs them all (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_resume")
-
 # fp32 end to end (no quantization), so that identical computations give identical numbers.
 FP32 = [
     "--config",

@@ -12,9 +12,6 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-# The demo run fixture is built once: its tests run on one test worker (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("demo_run")
-
 
 def _events(run_dir: Path) -> EventAccumulator:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})

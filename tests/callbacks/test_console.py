@@ -4,12 +4,7 @@ at the end where the run, the adapter and the last checkpoint went."""
 import logging
 from pathlib import Path
 
-import pytest
-
 from qlit.trainer_cli import quiet_console
-
-# The demo run fixture is built once: its tests run on one test worker (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("demo_run")
 
 NOISE = (
     "litlogger",  # Lightning's advert

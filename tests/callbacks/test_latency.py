@@ -12,9 +12,6 @@ from tiny_lm import DEMO_PROBE, NEW_TOKENS, PROMPT, RecordingLogger, TinyLM, bat
 
 from qlit.callbacks import InferenceLatencyMonitor
 
-# The demo run fixture is built once: its tests run on one test worker (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("demo_run")
-
 
 def test_summary_is_per_sample_with_interpolated_p95():
     monitor = InferenceLatencyMonitor()

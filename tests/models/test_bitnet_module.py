@@ -10,9 +10,6 @@ from helpers import ROOT, run_cli, scalars
 
 from qlit.models.bitnet import BitLinear, PackedBitLinear, load_packed
 
-# Its tests share module fixtures: one test worker runs them all (`pytest -n auto --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_bitnet_module")
-
 SHORT = [
     "--trainer.max_steps",
     "12",
