@@ -358,17 +358,12 @@ def _adapter_model(
     device: Any,
     trust_remote_code: bool,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    from qlit.export import _read_base, _tokenizer
+    from qlit.export import _read_base, _tokenizer, read_peft_config
     from qlit.models.loading import load_causal_lm
 
-    try:
-        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, KeyError, TypeError) as err:  # e.g. a peft_type this peft version does not know
-        raise QlitError(
-            f"peft cannot read the adapter config of '{name}': {str(err).strip().splitlines()[0]}"
-        ) from None
+    peft_config = read_peft_config(adapter_dir, name)
     spec = _read_base(adapter_dir, name, peft_config, base, quantization)
     model = load_causal_lm(
         spec.pretrained,

@@ -128,14 +128,7 @@ def _merge_into_base(
     device: torch.device,
     trust_remote_code: bool,
 ) -> Path:
-    from peft import PeftConfig
-
-    try:
-        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, KeyError, TypeError) as err:  # e.g. a peft_type this peft version does not know
-        raise QlitError(
-            f"peft cannot read the adapter config of '{name}': {str(err).strip().splitlines()[0]}"
-        ) from None
+    peft_config = read_peft_config(adapter_dir, name)
     if peft_config.is_prompt_learning:
         raise QlitError(
             f"Adapter '{name}' is {peft_config.peft_type.value}, which learns virtual tokens fed beside the input "
@@ -283,3 +276,15 @@ def export_main(argv: list[str] | None = None) -> Path:
     )
     print(f"qlit export: merged model saved to {out}")
     return out
+
+
+def read_peft_config(adapter_dir: Path, name: str) -> Any:
+    """The adapter's ``PeftConfig``; one sentence naming the adapter (``name``) where peft cannot read it."""
+    from peft import PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, KeyError, TypeError) as err:  # e.g. a peft_type this peft version does not know
+        raise QlitError(
+            f"peft cannot read the adapter config of '{name}': {str(err).strip().splitlines()[0]}"
+        ) from None
