@@ -63,8 +63,11 @@ class QLitModule(pl.LightningModule):
         allow_base_mismatch: load an adapter (``adapter_path``) or a checkpoint (``--ckpt_path``) that records another
             base than ``pretrained``; by default that is refused, since adapter weights of matching names and shapes
             load onto another base without any error and compute nonsense.
-        prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base (fp32 norms and
-            embeddings, input gradients for checkpointing) — the QLoRA recipe.
+        prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base: fp32 copies of its
+            frozen norms, embeddings and output layer, the QLoRA paper's recipe. ``auto`` does so for a float16
+            compute dtype, whose narrow range is what the fp32 copies guard against; with bfloat16 the frozen
+            weights stay as loaded, like in any bf16 model: the residual stream stays in bf16, and no cast
+            surrounds each quantized layer or each chunk of the fused loss (faster, less memory).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute):
             ``true`` on every decoder layer; a number: on that many layers only (the first ones), keeping the
             others' activations; ``auto``: every layer, except as many as the memory the fused loss saves can
@@ -93,7 +96,7 @@ class QLitModule(pl.LightningModule):
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
         allow_base_mismatch: bool = False,
-        prepare_kbit: bool = True,
+        prepare_kbit: bool | Literal["auto"] = "auto",
         gradient_checkpointing: bool | int | Literal["auto"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -156,6 +159,13 @@ class QLitModule(pl.LightningModule):
         self.test_loss = MeanMetric()
         self.val_metrics = MetricCollection({})
         self.test_metrics = MetricCollection({})
+
+    @property
+    def upcasts_frozen_weights(self) -> bool:
+        """Whether ``prepare_kbit`` (as resolved for the compute dtype) makes fp32 copies of the frozen weights."""
+        if self.prepare_kbit == "auto":
+            return self.quantization.is_quantized and self.quantization.compute_dtype == "float16"
+        return bool(self.prepare_kbit)
 
     @property
     def has_adapter(self) -> bool:
@@ -227,7 +237,7 @@ class QLitModule(pl.LightningModule):
         ckpt_kwargs = dict(self.gradient_checkpointing_kwargs or {"use_reentrant": True})
         backend = self.quantization.backend
         backend.convert(model, has_adapter=self.has_adapter)
-        if backend.kbit_training and self.prepare_kbit:
+        if backend.kbit_training and self.upcasts_frozen_weights:
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=self.gradient_checkpointing,

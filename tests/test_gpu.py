@@ -35,7 +35,7 @@ GPU = [
 
 
 def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     from qlit.models.loading import load_causal_lm
 
@@ -51,8 +51,8 @@ def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
         dtype="auto",
         device=torch.device("cuda"),
     )
-    # The same base as in training: NF4 weights, with the norms and embeddings that the k-bit preparation keeps fp32.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # The same base as in training: NF4 weights, the norms and embeddings as loaded (bf16 compute: no fp32 copies).
+    assert not module.upcasts_frozen_weights
     reloaded = PeftModel.from_pretrained(base, str(Path(cli.trainer.log_dir) / "adapter")).eval()
     ids = torch.randint(0, 500, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -73,13 +73,16 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
 
 
 def test_fast_paths_keep_the_loss_curve(tmp_path):
-    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed), then also
-    selective checkpointing and compiled layers, train the same 20 steps as SDPA with transformers' per-sample mask
-    and plain modules, on the same packed batches."""
+    """Packed rows through the variable-length kernel, Liger's fused kernels (where installed) and bf16 frozen
+    weights, then also selective checkpointing and compiled layers, train the same 20 steps as SDPA with
+    transformers' per-sample mask, plain modules and fp32 norms and embeddings, on the same packed batches."""
     common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
     curves, paths = {}, {}
     for name, extra in {
-        "plain": ["--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"],
+        "plain": [
+            *("--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"),
+            *("--model.init_args.prepare_kbit", "true"),  # the QLoRA recipe's fp32 norms and embeddings
+        ],
         "fast": [],
         "compiled": ["--model.init_args.gradient_checkpointing", "auto", "--model.init_args.compile", "true"],
     }.items():

@@ -184,3 +184,48 @@ def test_the_demo_logs_train_and_validation_metrics(trained_demo):
     losses = [v for _, v in logged["train/loss"]]
     assert losses[-1] < losses[0]
     assert 0.0 <= logged["val/accuracy"][-1][1] <= 1.0
+
+
+def test_bf16_compute_keeps_frozen_weights_in_bf16_and_trains_like_the_fp32_recipe(sst2_batch):
+    """``prepare_kbit: auto`` with a bf16 compute dtype keeps the frozen norms and embeddings as loaded (no fp32
+    copies, no casts around each layer); the loss and the adapter's gradient stay those of peft's fp32 recipe within
+    what bf16's 8-bit mantissa allows on the residual stream."""
+
+    def built(prepare_kbit):
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        module = QLitModule(
+            pretrained="qlit-tiny/qwen2",
+            quantization=Quantization(mode="nf4", compute_dtype="bfloat16"),
+            adapter=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+            prepare_kbit=prepare_kbit,
+        )
+        module.configure_model()
+        return module
+
+    fast, recipe = built("auto"), built(True)
+    frozen = {name: p.dtype for name, p in fast.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert set(frozen.values()) == {torch.bfloat16}, frozen  # embeddings and norms (4-bit weights are uint8)
+    assert {p.dtype for p in fast.parameters() if p.requires_grad} == {torch.float32}  # the adapter's master weights
+    assert recipe.model.get_input_embeddings().weight.dtype == torch.float32
+
+    results = []
+    for module in (fast, recipe):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(sst2_batch).loss
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
+        results.append((loss.item(), grad))
+    (fast_loss, fast_grad), (recipe_loss, recipe_grad) = results
+    assert fast_loss == pytest.approx(recipe_loss, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(fast_grad, recipe_grad, dim=0) > 0.98
+    assert fast_grad.norm() == pytest.approx(recipe_grad.norm().item(), rel=0.05)
+
+
+def test_prepare_kbit_auto_makes_fp32_copies_for_a_float16_compute_dtype_only():
+    def resolved(**quantization):
+        return QLitModule(quantization=Quantization(**quantization), adapter=lora()).upcasts_frozen_weights
+
+    assert resolved(mode="nf4", compute_dtype="float16")
+    assert not resolved(mode="nf4", compute_dtype="bfloat16")
+    assert not resolved(mode="int8")
+    assert not resolved(mode="none")

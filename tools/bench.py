@@ -17,7 +17,8 @@ packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold)
 warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
 (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
-layers through torch.compile), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+layers through torch.compile), prepare_kbit (auto | true: fp32 copies of the frozen norms and embeddings, the
+QLoRA recipe), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def run(
     callbacks: bool = True,
     logger: bool = True,
     compile: bool = False,
+    prepare_kbit: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
@@ -164,6 +166,7 @@ def run(
         adapter=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         gradient_checkpointing=ckpt,
         compile=compile,
+        prepare_kbit=prepare_kbit,
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -209,6 +212,7 @@ def run(
         r=r,
         packing=packing,
         compile=compile,
+        prepare_kbit=prepare_kbit,
         attention=module.model.config._attn_implementation,
         kernels=module.kernels_applied,
         tokens_per_s=round(tokens / elapsed),
