@@ -65,9 +65,9 @@ class QLitModule(pl.LightningModule):
             load onto another base without any error and compute nonsense.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base: fp32 copies of its
             frozen norms, embeddings and output layer, the QLoRA paper's recipe. ``auto`` does so for a float16
-            compute dtype, whose narrow range is what the fp32 copies guard against; with bfloat16 the frozen
-            weights stay as loaded, like in any bf16 model: the residual stream stays in bf16, and no cast
-            surrounds each quantized layer or each chunk of the fused loss (faster, less memory).
+            compute dtype only, whose narrow range is what the fp32 copies guard against; with bfloat16 the frozen
+            weights stay as loaded, like in any bf16 model: the residual stream stays in bf16, with no casts
+            around each quantized layer and each chunk of the fused loss, and half the memory for these weights.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute):
             ``true`` on every decoder layer; a number: on that many layers only (the first ones), keeping the
             others' activations; ``auto``: every layer, except as many as the memory the fused loss saves can
@@ -96,7 +96,7 @@ class QLitModule(pl.LightningModule):
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
         allow_base_mismatch: bool = False,
-        prepare_kbit: bool | Literal["auto"] = "auto",
+        prepare_kbit: bool | Literal["auto"] = True,
         gradient_checkpointing: bool | int | Literal["auto"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,

@@ -35,7 +35,7 @@ GPU = [
 
 
 def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
-    from peft import PeftModel
+    from peft import PeftModel, prepare_model_for_kbit_training
 
     from qlit.models.loading import load_causal_lm
 
@@ -51,8 +51,8 @@ def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
         dtype="auto",
         device=torch.device("cuda"),
     )
-    # The same base as in training: NF4 weights, the norms and embeddings as loaded (bf16 compute: no fp32 copies).
-    assert not module.upcasts_frozen_weights
+    # The same base as in training: NF4 weights, with the norms and embeddings that the k-bit preparation keeps fp32.
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = PeftModel.from_pretrained(base, str(Path(cli.trainer.log_dir) / "adapter")).eval()
     ids = torch.randint(0, 500, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -73,25 +73,24 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
 
 
 def test_fast_paths_keep_the_loss_curve(tmp_path):
-    """Packed rows through the variable-length kernel, Liger's fused kernels (where installed) and bf16 frozen
-    weights, then also selective checkpointing and compiled layers, train the same 20 steps as SDPA with
-    transformers' per-sample mask, plain modules and fp32 norms and embeddings, on the same packed batches."""
+    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed), then also
+    selective checkpointing and compiled layers, or bf16 norms and embeddings (``prepare_kbit: auto``), train the
+    same 20 steps as SDPA with transformers' per-sample mask and plain modules, on the same packed batches."""
     common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
     curves, paths = {}, {}
     for name, extra in {
-        "plain": [
-            *("--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"),
-            *("--model.init_args.prepare_kbit", "true"),  # the QLoRA recipe's fp32 norms and embeddings
-        ],
+        "plain": ["--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"],
         "fast": [],
         "compiled": ["--model.init_args.gradient_checkpointing", "auto", "--model.init_args.compile", "true"],
+        "bf16_frozen": ["--model.init_args.prepare_kbit", "auto"],  # no fp32 copies of the norms and embeddings
     }.items():
         cli = run_cli(tmp_path / name, *common, "--data.init_args.packing", "true", *extra)
         curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
         paths[name] = (cli.model.model.config._attn_implementation, cli.model.kernels_applied)
     assert paths["fast"][0] == "qlit_varlen" and paths["plain"] == ("sdpa", "none"), paths
     assert paths["compiled"] == paths["fast"]
-    for name in ("fast", "compiled"):
+    assert paths["bf16_frozen"] == paths["fast"]
+    for name in ("fast", "compiled", "bf16_frozen"):
         assert len(curves["plain"]) == len(curves[name]) == 20
         # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
         worst = max(abs(a - b) for a, b in zip(curves["plain"], curves[name], strict=True))

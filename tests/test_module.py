@@ -202,7 +202,7 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_trains_like_the_fp32_reci
         module.configure_model()
         return module
 
-    fast, recipe = built("auto"), built(True)
+    fast, recipe = built("auto"), built(True)  # True is the default
     frozen = {name: p.dtype for name, p in fast.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
     assert set(frozen.values()) == {torch.bfloat16}, frozen  # embeddings and norms (4-bit weights are uint8)
     assert {p.dtype for p in fast.parameters() if p.requires_grad} == {torch.float32}  # the adapter's master weights

@@ -17,8 +17,9 @@ packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold)
 warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
 (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
-layers through torch.compile), prepare_kbit (auto | true: fp32 copies of the frozen norms and embeddings, the
-QLoRA recipe), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+layers through torch.compile), prepare_kbit (true, the default: fp32 copies of the frozen norms and embeddings,
+the QLoRA recipe | auto: only for a float16 compute dtype), callbacks (true: qlit's measurement callbacks, false:
+none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def run(
     callbacks: bool = True,
     logger: bool = True,
     compile: bool = False,
-    prepare_kbit: bool | str = "auto",
+    prepare_kbit: bool | str = True,
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
