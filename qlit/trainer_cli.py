@@ -135,13 +135,28 @@ def _shown(path: Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
+class _Parser(LightningArgumentParser):
+    """Writes a run's ``config.yaml`` without validating the config once more: it was validated when parsed."""
+
+    def save(self, cfg: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("skip_validation", True)
+        super().save(cfg, *args, **kwargs)
+
+
 class QlitCLI(LightningCLI):
     """``qlit fit|validate|test|predict --config experiment.yaml``: a YAML file is an experiment."""
 
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
+        argv = sys.argv[1:] if args is None else args
+        # The parser of the subcommand asked for alone: building all four is a quarter of a command's start-up.
+        self._requested = argv[0] if isinstance(argv, list | tuple) and argv else None
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # QLitModule wires optimizer + scheduler itself
+        # That support dumps the whole config once more for save_hyperparameters(), which qlit does not call (a run's
+        # config is its config.yaml): a second of every command's start-up for nothing.
+        kwargs.setdefault("load_from_checkpoint_support", False)
+        kwargs.setdefault("parser_class", _Parser)
         # Parse errors are raised, not printed with the whole usage: main() turns them into one sentence.
         # No abbreviations: `--trainer.max_step 5` must be an error, not max_steps.
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "allow_abbrev": False})
@@ -153,6 +168,11 @@ class QlitCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        every = LightningCLI.subcommands()
+        requested = getattr(self, "_requested", None)
+        return {requested: every[requested]} if requested in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The tokenizer is the model's: named once, in the model section.
