@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, cli_args, run_cli, scalars
+from helpers import ROOT, cli_args, run_cli, run_main, scalars
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -109,8 +109,8 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tmp_path, eight_s
     assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
+def test_sigterm_during_fit_writes_a_checkpoint_that_resumes(tmp_path):
+    """As a scheduler stops a job: ``qlit fit`` in its own process, SIGTERM from outside."""
     args = cli_args(tmp_path, "fit", *FP32, "--trainer.max_steps", "100000", "--checkpoint.every_n_train_steps", "0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlit", *args],
@@ -125,9 +125,28 @@ def test_a_signal_during_fit_writes_a_checkpoint_that_resumes(tmp_path, sig):
     deadline = time.monotonic() + 600
     while "train/loss" not in scalars(tmp_path / "logs") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, output
+    assert_checkpoint_resumes(tmp_path, output)
+
+
+def test_ctrl_c_during_fit_writes_a_checkpoint_that_resumes(tmp_path, capsys, lightning_log):
+    """Ctrl+C: SIGINT to ``qlit fit`` (run in this process, the signal sent by a callback as batch 2 starts)."""
+    interrupt = tmp_path / "interrupt.yaml"
+    interrupt.write_text(
+        "trainer:\n  callbacks:\n    - class_path: test_resume.SignalAtBatch\n"
+        f"      init_args:\n        batch: 2\n        sig: {int(signal.SIGINT)}\n"
+    )
+    args = cli_args(tmp_path, "fit", *FP32, "--config", str(interrupt), "--trainer.max_steps", "100000")
+    code = run_main(*args, "--checkpoint.every_n_train_steps", "0")
+    captured = capsys.readouterr()
+    assert code == 143, captured.err[-3000:]
+    assert_checkpoint_resumes(tmp_path, lightning_log.text + captured.err)
+
+
+def assert_checkpoint_resumes(tmp_path: Path, output: str) -> None:
+    """The interrupted run's ``last.ckpt`` names its step in the console and resumes there."""
     last = next((tmp_path / "logs").rglob("last.ckpt"))
     state = torch.load(last, map_location="cpu", weights_only=True)
     stopped_at = state["global_step"]
