@@ -223,8 +223,10 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_trains_like_the_fp32_reci
 
 def test_prepare_kbit_auto_makes_fp32_copies_for_a_float16_compute_dtype_only():
     def resolved(**quantization):
-        return QLitModule(quantization=Quantization(**quantization), adapter=lora()).upcasts_frozen_weights
+        module = QLitModule(quantization=Quantization(**quantization), adapter=lora(), prepare_kbit="auto")
+        return module.upcasts_frozen_weights
 
+    assert QLitModule(quantization=Quantization(mode="nf4"), adapter=lora()).upcasts_frozen_weights  # the default
     assert resolved(mode="nf4", compute_dtype="float16")
     assert not resolved(mode="nf4", compute_dtype="bfloat16")
     assert not resolved(mode="int8")
