@@ -216,9 +216,10 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_trains_like_the_fp32_reci
         grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
         results.append((loss.item(), grad))
     (fast_loss, fast_grad), (recipe_loss, recipe_grad) = results
-    assert fast_loss == pytest.approx(recipe_loss, rel=2e-2)
-    assert torch.nn.functional.cosine_similarity(fast_grad, recipe_grad, dim=0) > 0.98
-    assert fast_grad.norm() == pytest.approx(recipe_grad.norm().item(), rel=0.05)
+    # Measured: 0.06 % apart in loss, cosine 0.9992, norms 0.15 % apart; bf16 rounds at 2**-8 = 0.4 % per value.
+    assert fast_loss == pytest.approx(recipe_loss, rel=5e-3)
+    assert torch.nn.functional.cosine_similarity(fast_grad, recipe_grad, dim=0) > 0.995
+    assert fast_grad.norm() == pytest.approx(recipe_grad.norm().item(), rel=0.01)
 
 
 def test_prepare_kbit_auto_makes_fp32_copies_for_a_float16_compute_dtype_only():
