@@ -101,7 +101,9 @@ def _expected_value(message: str) -> str | None:
     given = re.search(r"(?:Given value|Got value): (.*?)(?:\. Got value: .*)?$", inner, re.MULTILINE)
     if not types or given is None:
         return None
-    words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, f"a {t}") for t in types))
+    # The named values a Union also takes (``auto`` of ``bool | int | Literal["auto"]``).
+    named = [v for group in re.findall(r"Expected a typing\.Literal\[(.*?)\]", inner) for v in group.split(", ")]
+    words = " or ".join(dict.fromkeys([_TYPE_WORDS.get(t, f"a {t}") for t in types] + named))
     return f"got '{given.group(1).strip()}', expected {words}"
 
 

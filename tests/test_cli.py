@@ -243,6 +243,12 @@ def test_a_yaml_syntax_error_in_a_file_given_to_an_option_names_that_file(tmp_pa
     [
         ("--model.init_args.optimizer.init_args.lr", "abc", "model.optimizer.lr: got 'abc', expected a number"),
         ("--trainer.accumulate_grad_batches", "two", "trainer.accumulate_grad_batches: got 'two', expected an integer"),
+        # A Union with a named value names it too.
+        (
+            "--model.init_args.prepare_kbit",
+            "sometimes",
+            "model.prepare_kbit: got 'sometimes', expected true or false or 'auto'",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_type_names_the_option_value_and_type(tmp_path, capsys, option, value, expected):
