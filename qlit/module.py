@@ -21,6 +21,7 @@ from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.errors import QlitError
 from qlit.models import attention, layers
 from qlit.models.adapters import adapter_base, check_adapter, load_adapter
+from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
 from qlit.models.loading import load_causal_lm, same_base
 from qlit.models.quantization import Quantization
@@ -64,10 +65,11 @@ class QLitModule(pl.LightningModule):
             base than ``pretrained``; by default that is refused, since adapter weights of matching names and shapes
             load onto another base without any error and compute nonsense.
         prepare_kbit: apply peft's ``prepare_model_for_kbit_training`` to a quantized base: fp32 copies of its
-            frozen norms, embeddings and output layer, the QLoRA paper's recipe. ``auto`` does so for a float16
-            compute dtype only, whose narrow range is what the fp32 copies guard against; with bfloat16 the frozen
-            weights stay as loaded, like in any bf16 model: the residual stream stays in bf16, with no casts
-            around each quantized layer and each chunk of the fused loss, and half the memory for these weights.
+            frozen norms, embeddings and output layer, the QLoRA paper's recipe (``true``). ``auto``, the default,
+            does so for a float16 compute dtype only, whose narrow range is what the fp32 copies guard against;
+            with bfloat16 the frozen weights stay as loaded, like in any bf16 model: the residual stream stays in
+            bf16, with no casts around each quantized layer and each chunk of the fused loss, and half the memory
+            for these weights.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % more compute):
             ``true`` on every decoder layer; a number: on that many layers only (the first ones), keeping the
             others' activations; ``auto``: every layer, except as many as the memory the fused loss saves can
@@ -79,6 +81,11 @@ class QLitModule(pl.LightningModule):
         lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
         compile: run each decoder layer through ``torch.compile`` (CUDA): fewer kernel launches and fused
             element-wise work; the first steps pay the compilation.
+        fused_lora: LoRA over a 4-bit base as one autograd function per projection
+            (:mod:`qlit.models.fused_lora`): the adapter's product accumulated into the base output by the matmul,
+            without peft's copy, scaling and sum passes. ``auto`` fuses the layers where it computes exactly what
+            peft does (plain LoRA, with or without dropout) and leaves the others to peft; ``true`` insists; ``false``
+            keeps peft's forward everywhere.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
             log directory, in ``adapter/``.
@@ -96,12 +103,13 @@ class QLitModule(pl.LightningModule):
         adapter: PeftConfig | None = None,
         adapter_path: str | None = None,
         allow_base_mismatch: bool = False,
-        prepare_kbit: bool | Literal["auto"] = True,
+        prepare_kbit: bool | Literal["auto"] = "auto",
         gradient_checkpointing: bool | int | Literal["auto"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        fused_lora: bool | Literal["auto"] = "auto",
         max_new_tokens: int = 16,
         save_adapter: bool = True,
     ) -> None:
@@ -141,6 +149,10 @@ class QLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
+        check_fused_lora(fused_lora, adapter, quantization.mode in ("nf4", "fp4"))
+        self.fused_lora = fused_lora
+        #: LoRA layers given the fused forward, known once the model is loaded.
+        self.fused_lora_layers = 0
         #: Decoder layers recomputed in the backward pass when only some are (``auto`` or a number).
         self.checkpointed_layers: int | None = None
         self.max_new_tokens = max_new_tokens
@@ -209,6 +221,8 @@ class QLitModule(pl.LightningModule):
         # left in eval, the decoder layers would skip gradient checkpointing (and dropout) during training.
         model.train()
         self.model = self._attach_adapter(model)
+        if self.has_adapter:
+            self.fused_lora_layers = apply_fused_lora(self.model, self.fused_lora)
         if self.gradient_checkpointing == "auto":
             fused = self.kernels_applied == "liger"
             self.checkpointed_layers = layers.checkpoint_first(self.model, layers.auto_checkpointed(self.model, fused))

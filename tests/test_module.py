@@ -202,7 +202,7 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_trains_like_the_fp32_reci
         module.configure_model()
         return module
 
-    fast, recipe = built("auto"), built(True)  # True is the default
+    fast, recipe = built("auto"), built(True)  # auto is the default, True the QLoRA recipe
     frozen = {name: p.dtype for name, p in fast.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
     assert set(frozen.values()) == {torch.bfloat16}, frozen  # embeddings and norms (4-bit weights are uint8)
     assert {p.dtype for p in fast.parameters() if p.requires_grad} == {torch.float32}  # the adapter's master weights
@@ -227,7 +227,8 @@ def test_prepare_kbit_auto_makes_fp32_copies_for_a_float16_compute_dtype_only():
         module = QLitModule(quantization=Quantization(**quantization), adapter=lora(), prepare_kbit="auto")
         return module.upcasts_frozen_weights
 
-    assert QLitModule(quantization=Quantization(mode="nf4"), adapter=lora()).upcasts_frozen_weights  # the default
+    assert not QLitModule(quantization=Quantization(mode="nf4"), adapter=lora()).upcasts_frozen_weights  # auto
+    assert QLitModule(quantization=Quantization(mode="nf4"), adapter=lora(), prepare_kbit=True).upcasts_frozen_weights
     assert resolved(mode="nf4", compute_dtype="float16")
     assert not resolved(mode="nf4", compute_dtype="bfloat16")
     assert not resolved(mode="int8")

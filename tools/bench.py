@@ -17,8 +17,9 @@ packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold)
 warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
 (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
-layers through torch.compile), prepare_kbit (true, the default: fp32 copies of the frozen norms and embeddings,
-the QLoRA recipe | auto: only for a float16 compute dtype), callbacks (true: qlit's measurement callbacks, false:
+layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
+only for a float16 compute dtype | true: always, the QLoRA recipe), fused_lora (auto, the default | false: peft's
+LoRA forward), callbacks (true: qlit's measurement callbacks, false:
 none), logger (TensorBoard).
 """
 
@@ -145,7 +146,8 @@ def run(
     callbacks: bool = True,
     logger: bool = True,
     compile: bool = False,
-    prepare_kbit: bool | str = True,
+    prepare_kbit: bool | str = "auto",
+    fused_lora: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
@@ -168,6 +170,7 @@ def run(
         gradient_checkpointing=ckpt,
         compile=compile,
         prepare_kbit=prepare_kbit,
+        fused_lora=fused_lora,
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -214,6 +217,7 @@ def run(
         packing=packing,
         compile=compile,
         prepare_kbit=prepare_kbit,
+        fused_lora=module.fused_lora_layers,
         attention=module.model.config._attn_implementation,
         kernels=module.kernels_applied,
         tokens_per_s=round(tokens / elapsed),

@@ -1,0 +1,197 @@
+"""LoRA over a 4-bit base in one autograd function per projection: the QLoRA forward and backward without the
+element-wise passes around them.
+
+peft's LoRA over a bitsandbytes ``Linear4bit`` computes ``base(x).clone() + lora_B(lora_A(x)) * scaling``: besides
+the three matmuls, a copy of the output, a multiplication and an addition over it, casts of the adapter weights,
+and the same again in the backward pass — per projection, seven per decoder layer. Here the scaled adapter product
+is accumulated into the base output by the matmul itself (``addmm``), in the forward and the backward pass, and the
+4-bit weight is de-quantized once for each (as bitsandbytes does). What is saved for the backward pass is the
+input and the (tokens × rank) adapter activation, as with peft.
+
+With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and
+that is saved too, as peft does. It applies where it computes what peft does: plain LoRA (no DoRA or other
+variant, no LoRA bias), one active adapter, not merged, the adapter computing in the base's compute dtype (under
+autocast of that dtype, or everything in fp32), and only in training with gradients on; anything else
+(generation, a merged or disabled adapter, several adapters) goes through peft's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from qlit.errors import QlitError
+
+FusedLoraChoice = Literal[True, False, "auto"]
+
+
+class _LoRA4bit(torch.autograd.Function):
+    """``x @ W.T + bias + scaling * (x_lora @ A.T) @ B.T`` with ``W`` de-quantized from 4 bits, where ``x_lora`` is
+    the adapter's input: ``x`` after LoRA dropout, or ``x`` itself (``None``) without it. Grads for both, A and B."""
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 (autograd passes the inputs positionally)
+        ctx: Any,
+        x: torch.Tensor,
+        x_lora: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        packed: torch.Tensor,
+        quant_state: Any,
+        bias: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xl = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+        weight = bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        xa = xl @ a.t()
+        out = torch.addmm(bias.to(dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(xl, xa, lora_a, lora_b, packed)
+        ctx.quant_state, ctx.scaling, ctx.x_shape, ctx.dropout = quant_state, scaling, x.shape, x_lora is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        import bitsandbytes.functional as bnbf
+
+        xl, xa, lora_a, lora_b, packed = ctx.saved_tensors
+        dtype, scaling = xl.dtype, ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        g_xa = g @ b  # (tokens × rank): the gradient reaching the adapter's inner activation
+        grad_b = (g.t() @ xa).mul_(scaling).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
+        grad_a = (g_xa.t() @ xl).mul_(scaling).to(lora_a.dtype) if ctx.needs_input_grad[2] else None
+        grad_x = grad_x_lora = None
+        if ctx.needs_input_grad[0]:
+            weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(dtype)
+            grad_x = g @ weight
+            if not ctx.dropout:
+                grad_x.addmm_(g_xa, a, alpha=scaling)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.dropout and ctx.needs_input_grad[1]:
+            grad_x_lora = (g_xa @ a).mul_(scaling).view(ctx.x_shape)  # back through the dropout by autograd
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None
+
+
+def _lora_dtype(module: Any, x: torch.Tensor, adapter: str) -> torch.dtype:
+    """The dtype peft's LoRA path computes in: autocast's, else the adapter weights' (peft casts the input)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return module.lora_A[adapter].weight.dtype
+
+
+def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused forward of one peft LoRA ``Linear4bit``, or ``None`` where it would not compute what peft does."""
+    if not (module.training and torch.is_grad_enabled()) or module.disable_adapters or module.merged:
+        return None
+    active = module.active_adapters
+    if len(active) != 1 or active[0] not in module.lora_A or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    name = active[0]
+    if module.lora_B[name].bias is not None:
+        return None
+    base = module.base_layer
+    bias = base.bias
+    if bias is not None and bias.requires_grad:
+        return None
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    quant_state = base.weight.quant_state
+    compute = base.compute_dtype or x.dtype
+    if getattr(quant_state, "packing_format_for_cpu", False) or _lora_dtype(module, x, name) != compute:
+        return None
+    dropout = module.lora_dropout[name]
+    dtype = x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(compute)
+        out = _LoRA4bit.apply(
+            x,
+            None if isinstance(dropout, torch.nn.Identity) else dropout(x),
+            module.lora_A[name].weight,
+            module.lora_B[name].weight,
+            base.weight,
+            quant_state,
+            bias,
+            float(module.scaling[name]),
+        )
+    return out.to(dtype)  # bitsandbytes returns the input's dtype, and peft's sum keeps it
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    """A subclass of peft's LoRA ``Linear4bit`` whose forward is fused where that is exact."""
+    if cls not in _FUSED_CLASSES:
+
+        def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = None if args or kwargs else _fused_forward(self, x)
+            return out if out is not None else cls.forward(self, x, *args, **kwargs)
+
+        _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _FUSED_CLASSES[cls]
+
+
+def lora_4bit_modules(model: Any) -> list[Any]:
+    """peft's LoRA layers over bitsandbytes 4-bit linear layers in ``model``."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def check_fused_lora(choice: FusedLoraChoice, adapter: Any, quantized_4bit: bool) -> None:
+    """Refuse, when the config is read, ``fused_lora: true`` for a run it cannot apply to."""
+    if choice is not True:
+        return
+    from peft import LoraConfig
+
+    if not quantized_4bit:
+        raise QlitError("model.fused_lora: true needs a 4-bit base (quantization.mode nf4 or fp4): set it to auto.")
+    if adapter is None:
+        return  # an adapter loaded from adapter_path: checked once it is loaded
+    if type(adapter) is not LoraConfig:
+        raise QlitError(f"model.fused_lora: true fuses plain LoRA, not {type(adapter).__name__}: set it to auto.")
+    reasons = []
+    if getattr(adapter, "use_dora", False):
+        reasons.append("use_dora")
+    if getattr(adapter, "lora_bias", False):
+        reasons.append("lora_bias")
+    if reasons:
+        raise QlitError(f"model.fused_lora: true cannot fuse an adapter with {', '.join(reasons)}: set it to auto.")
+
+
+def apply_fused_lora(model: Any, choice: FusedLoraChoice) -> int:
+    """Give every fusable LoRA 4-bit layer of ``model`` the fused forward; return how many there are.
+
+    Each layer still checks, call by call, that the fused path computes what peft's would (see the module
+    docstring) and otherwise runs peft's forward. ``true`` insists that some layer can take it.
+    """
+    if choice is False:
+        return 0
+    fusable = []
+    for module in lora_4bit_modules(model):
+        plain = [
+            name
+            for name in module.lora_A
+            if module.lora_B[name].bias is None and name not in getattr(module, "lora_variant", {})
+        ]
+        if plain:
+            fusable.append(module)
+    if choice is True and not fusable:
+        raise QlitError(
+            "model.fused_lora: true found no LoRA layer it can fuse (plain LoRA on a 4-bit base, without DoRA or "
+            "LoRA bias): set it to auto."
+        )
+    for module in fusable:
+        module.__class__ = _fused_class(type(module))
+    return len(fusable)
