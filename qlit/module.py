@@ -225,7 +225,9 @@ class QLitModule(pl.LightningModule):
             self.fused_lora_layers = apply_fused_lora(self.model, self.fused_lora)
         if self.gradient_checkpointing == "auto":
             fused = self.kernels_applied == "liger"
-            self.checkpointed_layers = layers.checkpoint_first(self.model, layers.auto_checkpointed(self.model, fused))
+            fp32_stream = self.quantization.backend.kbit_training and self.upcasts_frozen_weights
+            recomputed = layers.auto_checkpointed(self.model, fused, fp32_stream)
+            self.checkpointed_layers = layers.checkpoint_first(self.model, recomputed)
         elif not isinstance(self.gradient_checkpointing, bool):
             self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
         if self.compile_layers:

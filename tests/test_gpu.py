@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers import ROOT, run_cli, scalars
 
+from qlit.models import kernels
+
 pytestmark = pytest.mark.gpu
 
 GPU = [
@@ -73,24 +75,34 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(tmp_path):
 
 
 def test_fast_paths_keep_the_loss_curve(tmp_path):
-    """Packed rows through the variable-length kernel and Liger's fused kernels (where installed), then also
-    selective checkpointing and compiled layers, or bf16 norms and embeddings (``prepare_kbit: auto``), train the
-    same 20 steps as SDPA with transformers' per-sample mask and plain modules, on the same packed batches."""
+    """Every optimisation against the unoptimised run, on the same packed batches for 20 steps: packed rows through
+    the variable-length kernel, Liger's fused kernels (where installed), bf16 frozen norms and embeddings
+    (``prepare_kbit: auto``) and the fused LoRA forward — all defaults — then each default alone turned back, and
+    selective checkpointing with compiled layers. The unoptimised run: SDPA with transformers' per-sample mask,
+    plain modules, peft's fp32 copies and peft's LoRA forward."""
     common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
+    m = "--model.init_args."
     curves, paths = {}, {}
     for name, extra in {
-        "plain": ["--model.init_args.attn_implementation", "sdpa", "--model.init_args.kernels", "none"],
+        "plain": [m + "attn_implementation", "sdpa", m + "kernels", "none", m + "prepare_kbit", "true",
+                  m + "fused_lora", "false"],
         "fast": [],
-        "compiled": ["--model.init_args.gradient_checkpointing", "auto", "--model.init_args.compile", "true"],
-        "bf16_frozen": ["--model.init_args.prepare_kbit", "auto"],  # no fp32 copies of the norms and embeddings
-    }.items():
+        "fp32_frozen": [m + "prepare_kbit", "true"],
+        "peft_lora": [m + "fused_lora", "false"],
+        "compiled": [m + "gradient_checkpointing", "auto", m + "compile", "true"],
+    }.items():  # fmt: skip
         cli = run_cli(tmp_path / name, *common, "--data.init_args.packing", "true", *extra)
         curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
-        paths[name] = (cli.model.model.config._attn_implementation, cli.model.kernels_applied)
-    assert paths["fast"][0] == "qlit_varlen" and paths["plain"] == ("sdpa", "none"), paths
-    assert paths["compiled"] == paths["fast"]
-    assert paths["bf16_frozen"] == paths["fast"]
-    for name in ("fast", "compiled", "bf16_frozen"):
+        module = cli.model
+        paths[name] = (module.model.config._attn_implementation, module.kernels_applied, module.fused_lora_layers > 0)
+        if name == "fast":
+            frozen = {p.dtype for p in module.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+            assert frozen == {torch.bfloat16}, frozen
+    assert paths["fast"][:2] == ("qlit_varlen", "liger" if kernels.liger_installed() else "none"), paths
+    assert paths["plain"] == ("sdpa", "none", False), paths
+    assert paths["fast"][2] and not paths["peft_lora"][2], paths
+    assert paths["compiled"] == paths["fp32_frozen"] == paths["fast"], paths
+    for name in ("fast", "fp32_frozen", "peft_lora", "compiled"):
         assert len(curves["plain"]) == len(curves[name]) == 20
         # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
         worst = max(abs(a - b) for a, b in zip(curves["plain"], curves[name], strict=True))

@@ -52,18 +52,30 @@ def test_checkpointing_the_first_layers_only_keeps_the_rest_and_the_numbers() ->
     assert layers.checkpoint_first(plain, 5) == 0
 
 
-@pytest.mark.parametrize(("name", "checkpointed", "total"), [("qwen2.5-0.5b", 7, 24), ("qwen2.5-7b", 24, 28)])
-def test_auto_spends_what_the_fused_loss_saves(name: str, checkpointed: int, total: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "fp32_stream", "checkpointed", "total"),
+    [
+        ("qwen2.5-0.5b", False, 0, 24),
+        ("qwen2.5-1.5b", False, 13, 28),
+        ("qwen2.5-7b", False, 21, 28),
+        ("qwen2.5-0.5b", True, 7, 24),
+        ("qwen2.5-7b", True, 24, 28),
+    ],
+)
+def test_auto_spends_what_the_fused_loss_saves(name: str, fp32_stream: bool, checkpointed: int, total: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN25[name]))
-    # Kept layers' activations (12 B × (hidden + intermediate) per token each) fit in the logits' 8 B × vocabulary.
-    assert layers.auto_checkpointed(model, fused_loss=True) == checkpointed
+    # Kept layers' activations (7.5 B, or 12 B with an fp32 residual stream, × (hidden + intermediate) per token
+    # each) fit in the logits' 8 B × vocabulary.
+    assert layers.auto_checkpointed(model, fused_loss=True, fp32_stream=fp32_stream) == checkpointed
     config = QWEN25[name]
     kept = total - checkpointed
-    per_layer = layers.ACTIVATION_BYTES * (config["hidden_size"] + config["intermediate_size"])
-    assert kept * per_layer <= layers.LOGIT_BYTES * config["vocab_size"] < (kept + 1) * per_layer
+    per_token = layers.ACTIVATION_BYTES_FP32_STREAM if fp32_stream else layers.ACTIVATION_BYTES
+    per_layer = per_token * (config["hidden_size"] + config["intermediate_size"])
+    assert kept * per_layer <= layers.LOGIT_BYTES * config["vocab_size"]
+    assert kept == total or layers.LOGIT_BYTES * config["vocab_size"] < (kept + 1) * per_layer
     assert layers.auto_checkpointed(model, fused_loss=False) == total  # no fused loss: nothing to spend
 
 
