@@ -53,8 +53,10 @@ def test_qlora_trains_on_the_gpu_and_its_adapter_reloads(tmp_path):
         dtype="auto",
         device=torch.device("cuda"),
     )
-    # The same base as in training: NF4 weights, with the norms and embeddings that the k-bit preparation keeps fp32.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # The same base as in training: NF4 weights, and the norms and embeddings as loaded (bf16) unless the run made
+    # the k-bit preparation's fp32 copies.
+    if module.upcasts_frozen_weights:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = PeftModel.from_pretrained(base, str(Path(cli.trainer.log_dir) / "adapter")).eval()
     ids = torch.randint(0, 500, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
