@@ -6,6 +6,7 @@ workloads: ``full`` (every row ``seq`` tokens) and ``sft`` (SFT-like lengths: lo
 by a token budget). tokens/s counts real tokens only.
 
     python tools/bench.py --against-peer PEER.py          # the five-row table: peer and qlit interleaved
+    python tools/bench.py --ablation                      # each optimisation added in turn, one process each
     python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
 ``PEER.py`` is the standard recipe (transformers ``Trainer`` + peft + bitsandbytes), run as it is: it takes a JSON
@@ -49,6 +50,23 @@ PLAN = (
     ("full", "qwen2.5-1.5b", 8),
     ("full", "qwen2.5-7b", 4),
 )
+
+
+#: ``--ablation``: from the recipe's shape to qlit's defaults, one optimisation added per row (then compile on top).
+ABLATION = (
+    (
+        "padded rows, SDPA, no fused kernels, fp32 frozen weights, peft's LoRA, every layer checkpointed",
+        dict(packing=False, attention="sdpa", kernels="none", prepare_kbit=True, fused_lora=False, ckpt=True),
+    ),
+    ("+ packing by a token budget, variable-length flash attention", dict(packing=True, attention="auto")),
+    ("+ Liger's fused linear + cross-entropy, RMSNorm, RoPE, SwiGLU", dict(kernels="auto")),
+    ("+ bf16 frozen weights (`prepare_kbit: auto`)", dict(prepare_kbit="auto")),
+    ("+ fused LoRA forward (`fused_lora: auto`)", dict(fused_lora="auto")),
+    ("+ `gradient_checkpointing: auto` (qlit's defaults)", dict(ckpt="auto")),
+    ("+ `compile: true`", dict(compile=True)),
+)
+#: The workloads ``--ablation`` runs: (workload, model, rows per step).
+ABLATION_PLAN = (("sft", "qwen2.5-0.5b", 8), ("full", "qwen2.5-7b", 4))
 
 
 def model_dir(name: str) -> str:
@@ -275,6 +293,34 @@ def against_peer(peer: str, steps: int, warmup: int, plan: list[tuple[str, str, 
     return results
 
 
+def ablation(steps: int, warmup: int, plan: list[tuple[str, str, int]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Run qlit with each row of :data:`ABLATION` added in turn, on each workload of ``plan``, each in its own
+    process; return (row label, one result per workload)."""
+    rows: list[tuple[str, list[dict[str, Any]]]] = [(label, []) for label, _ in ABLATION]
+    for workload, model, bs in plan:
+        model_dir(model)
+        spec: dict[str, Any] = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup)
+        for (label, change), (_, results) in zip(ABLATION, rows, strict=True):
+            spec.update(change)
+            out = _subprocess([sys.executable, __file__, json.dumps([spec])])
+            print(json.dumps(dict(row=label, **out)), flush=True)
+            results.append(out)
+    return rows
+
+
+def _cell(r: dict[str, Any]) -> str:
+    if "tokens_per_s" not in r:
+        return f"error: {str(r.get('error'))[:60]}"
+    return f"{r['tokens_per_s']:,} ({r['peak_alloc_gib']:.2f})"
+
+
+def ablation_table(plan: list[tuple[str, str, int]], rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    heads = [f"{model} `{workload}`, {bs}: tokens/s (peak GiB)" for workload, model, bs in plan]
+    lines = ["| qlit configuration | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(plan)]
+    lines += [f"| {label} | " + " | ".join(_cell(r) for r in results) + " |" for label, results in rows]
+    return "\n".join(lines)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| workload | model, batch | peer tokens/s (peak GiB) | qlit tokens/s (peak GiB) | qlit / peer |",
@@ -282,32 +328,39 @@ def table(results: list[dict[str, Any]]) -> str:
     ]
     for row in results:
         peer, ours = row["peer"], row["qlit"]
-
-        def cell(r: dict[str, Any]) -> str:
-            if "tokens_per_s" not in r:
-                return f"error: {str(r.get('error'))[:60]}"
-            return f"{r['tokens_per_s']:,} ({r['peak_alloc_gib']:.2f})"
-
         ratio = (
             f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}×"
             if "tokens_per_s" in ours and "tokens_per_s" in peer
             else "—"
         )
-        lines.append(f"| {row['workload']} | {row['model']}, {row['bs']} | {cell(peer)} | {cell(ours)} | {ratio} |")
+        lines.append(f"| {row['workload']} | {row['model']}, {row['bs']} | {_cell(peer)} | {_cell(ours)} | {ratio} |")
     return "\n".join(lines)
+
+
+def _plan(only: list[str] | None, default: tuple[tuple[str, str, int], ...]) -> list[tuple[str, str, int]]:
+    if not only:
+        return list(default)
+    rows = [row.split(":") for row in only]
+    return [(workload, model, int(bs)) for workload, model, bs in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", nargs="?", help="JSON list of qlit specs (see the module docstring)")
     parser.add_argument("--against-peer", metavar="PEER.py", help="the standard recipe's script, run as it is")
+    parser.add_argument("--ablation", action="store_true", help="qlit alone, one optimisation added per row")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--only", nargs="*", metavar="WORKLOAD:MODEL:BS", help="rows of the table to run")
+    parser.add_argument(
+        "--only", nargs="*", metavar="WORKLOAD:MODEL:BS", help="rows of the table (the workloads of --ablation)"
+    )
     args = parser.parse_args(argv)
+    if args.ablation:
+        plan = _plan(args.only, ABLATION_PLAN)
+        print(ablation_table(plan, ablation(args.steps, args.warmup, plan)))
+        return
     if args.against_peer:
-        plan = [tuple(r.split(":")) for r in args.only] if args.only else list(PLAN)
-        plan = [(w, m, int(b)) for w, m, b in plan]
+        plan = _plan(args.only, PLAN)
         results = against_peer(args.against_peer, args.steps, args.warmup, plan)
         print(table(results))
         return

@@ -33,3 +33,23 @@ def test_sft_rows_are_seeded_sft_lengths_and_pack_within_the_budget() -> None:
         assert batch["input_ids"].size(1) <= budget
         seen += batch["cu_seq_lens"].numel() - 1
     assert seen == len(rows)
+
+
+def test_the_ablation_adds_one_change_per_row_and_ends_at_qlit_defaults() -> None:
+    import inspect
+
+    bench = _bench()
+    defaults = {k: p.default for k, p in inspect.signature(bench.run).parameters.items() if p.default is not p.empty}
+    labels = [label for label, _ in bench.ABLATION]
+    assert "defaults" in labels[-2] and "compile" in labels[-1]
+    spec: dict = {}
+    for i, (_, change) in enumerate(bench.ABLATION):
+        assert set(change) <= set(defaults), change  # every key is one bench.run takes
+        if i:
+            assert all(spec.get(k) != v for k, v in change.items()), change  # each row changes what it names
+        spec.update(change)
+        if i == len(bench.ABLATION) - 2:  # the defaults row: every knob the ablation touched is at its default
+            assert {k: defaults[k] for k in spec} == spec
+    assert spec["compile"] is True and defaults["compile"] is False
+    first = bench.ABLATION[0][1]
+    assert all(first[k] != defaults[k] for k in first)  # the first row turns every optimisation off
