@@ -11,8 +11,8 @@ input and the (tokens × rank) adapter activation, as with peft.
 With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and
 that is saved too, as peft does. It applies where it computes what peft does: plain LoRA (no DoRA or other
 variant, no LoRA bias), one active adapter, not merged, the adapter computing in the base's compute dtype (under
-autocast of that dtype, or everything in fp32), and only in training with gradients on; anything else
-(generation, a merged or disabled adapter, several adapters) goes through peft's own forward.
+autocast of that dtype, or everything in fp32), and only in training mode; anything else (generation, a merged
+or disabled adapter, several adapters) goes through peft's own forward.
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def _lora_dtype(module: Any, x: torch.Tensor, adapter: str) -> torch.dtype:
 
 def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The fused forward of one peft LoRA ``Linear4bit``, or ``None`` where it would not compute what peft does."""
-    if not (module.training and torch.is_grad_enabled()) or module.disable_adapters or module.merged:
+    # Training mode only (generation runs in eval mode, where bitsandbytes' kernel for a few rows is faster), with or
+    # without gradients: reentrant checkpointing runs a layer's first forward without them and its recomputation
+    # with them, and both must take one path, so that LoRA dropout draws the same masks in both.
+    if not module.training or module.disable_adapters or module.merged:
         return None
     active = module.active_adapters
     if len(active) != 1 or active[0] not in module.lora_A or active[0] in getattr(module, "lora_variant", {}):

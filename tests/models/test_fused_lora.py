@@ -11,7 +11,7 @@ from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
 
-def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", **lora):
+def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", checkpointing=False, **lora):
     torch.manual_seed(0)  # the same random LoRA initialisation (B non-zero) for every build
     module = QLitModule(
         pretrained="qlit-tiny/qwen2",
@@ -19,6 +19,7 @@ def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", **lora):
         adapter=LoraConfig(
             r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False, **lora
         ),
+        gradient_checkpointing=checkpointing,
         fused_lora=fused,
     )
     module.configure_model()
@@ -45,6 +46,24 @@ def test_fused_lora_gives_peft_logits_and_adapter_gradients_in_fp32(dropout):
     torch.testing.assert_close(logits_f, logits_p, rtol=1e-5, atol=1e-5)
     assert loss_f == pytest.approx(loss_p, rel=1e-6)
     assert grads_f.keys() == grads_p.keys() and len(grads_f) == 28  # lora_A and lora_B of every projection
+    for name, grad in grads_f.items():
+        torch.testing.assert_close(grad, grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reentrant_checkpointing_runs_both_forwards_fused_with_the_same_dropout_masks(monkeypatch):
+    """Reentrant checkpointing (qlit's default) runs each layer's first forward without gradients and recomputes it
+    with them: both take the fused path, so LoRA dropout draws the same masks and the gradients are peft's."""
+    from qlit.models import fused_lora
+
+    calls = []
+    forward = fused_lora._LoRA4bit.forward
+    monkeypatch.setattr(fused_lora._LoRA4bit, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    fused = _module("auto", dropout=0.1, checkpointing=True)
+    peft = _module(False, dropout=0.1, checkpointing=True)
+    _, loss_f, grads_f = _run(fused)
+    assert len(calls) == 2 * 14  # every projection: the forward without gradients, then its recomputation
+    _, loss_p, grads_p = _run(peft)
+    assert loss_f == pytest.approx(loss_p, rel=1e-6)
     for name, grad in grads_f.items():
         torch.testing.assert_close(grad, grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
 
