@@ -20,8 +20,7 @@ warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true 
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
 layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
 only for a float16 compute dtype | true: always, the QLoRA recipe), fused_lora (auto, the default | false: peft's
-LoRA forward), callbacks (true: qlit's measurement callbacks, false:
-none), logger (TensorBoard).
+LoRA forward), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
