@@ -122,6 +122,9 @@ class QLitModule(pl.LightningModule):
                     "model.gradient_checkpointing must be true, false, auto or a number of layers (0 or more), got "
                     f"{gradient_checkpointing!r}."
                 )
+        for name, value in (("prepare_kbit", prepare_kbit), ("fused_lora", fused_lora)):
+            if not (isinstance(value, bool) or value == "auto"):
+                raise QlitError(f"model.{name} must be true, false or auto, got {value!r}.")
         _check_optimizer(optimizer, lr_scheduler)
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
@@ -149,7 +152,7 @@ class QLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
-        check_fused_lora(fused_lora, adapter, quantization.mode in ("nf4", "fp4"))
+        check_fused_lora(fused_lora, adapter, quantization.is_4bit)
         self.fused_lora = fused_lora
         #: LoRA layers given the fused forward, known once the model is loaded.
         self.fused_lora_layers = 0

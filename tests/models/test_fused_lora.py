@@ -116,5 +116,11 @@ def test_an_explicit_fused_lora_it_cannot_apply_is_refused_in_one_sentence(kwarg
         )
 
 
+@pytest.mark.parametrize("option", ["fused_lora", "prepare_kbit"])
+def test_an_unknown_value_given_from_python_is_refused_in_one_sentence(option):
+    with pytest.raises(QlitError, match=f"model.{option} must be true, false or auto, got 'yes'"):
+        QLitModule(quantization=Quantization(mode="nf4"), adapter=LoraConfig(r=8), **{option: "yes"})
+
+
 def test_auto_leaves_a_dora_adapter_to_peft():
     assert _module("auto", use_dora=True).fused_lora_layers == 0
