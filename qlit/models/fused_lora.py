@@ -5,8 +5,9 @@ peft's LoRA over a bitsandbytes ``Linear4bit`` computes ``base(x).clone() + lora
 the three matmuls, a copy of the output, a multiplication and an addition over it, casts of the adapter weights,
 and the same again in the backward pass — per projection, seven per decoder layer. Here the scaled adapter product
 is accumulated into the base output by the matmul itself (``addmm``), in the forward and the backward pass, and the
-4-bit weight is de-quantized once for each (as bitsandbytes does). What is saved for the backward pass is the
-input and the (tokens × rank) adapter activation, as with peft.
+4-bit weight is de-quantized once for each (as bitsandbytes does). An fp32 adapter under bf16 autocast is cast to
+bf16 once per step, not in every pass. What is saved for the backward pass is the input and the (tokens × rank)
+adapter activation, as with peft.
 
 With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and
 that is saved too, as peft does. It applies where it computes what peft does: plain LoRA (no DoRA or other
@@ -28,7 +29,9 @@ FusedLoraChoice = Literal[True, False, "auto"]
 
 class _LoRA4bit(torch.autograd.Function):
     """``x @ W.T + bias + scaling * (x_lora @ A.T) @ B.T`` with ``W`` de-quantized from 4 bits, where ``x_lora`` is
-    the adapter's input: ``x`` after LoRA dropout, or ``x`` itself (``None``) without it. Grads for both, A and B."""
+    the adapter's input: ``x`` after LoRA dropout, or ``x`` itself (``None``) without it. ``a`` and ``b`` are the
+    adapter weights ``lora_a`` and ``lora_b`` in the compute dtype (the same tensors when no cast is needed); the
+    gradients for ``lora_a`` and ``lora_b`` are returned in their own dtype."""
 
     @staticmethod
     def forward(  # noqa: PLR0913 (autograd passes the inputs positionally)
@@ -37,6 +40,8 @@ class _LoRA4bit(torch.autograd.Function):
         x_lora: torch.Tensor | None,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
         packed: torch.Tensor,
         quant_state: Any,
         bias: torch.Tensor | None,
@@ -48,25 +53,29 @@ class _LoRA4bit(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xl = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
         weight = bnbf.dequantize_4bit(packed, quant_state).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         xa = xl @ a.t()
         out = torch.addmm(bias.to(dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
         out.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(xl, xa, lora_a, lora_b, packed)
+        ctx.save_for_backward(xl, xa, a, b, packed)
         ctx.quant_state, ctx.scaling, ctx.x_shape, ctx.dropout = quant_state, scaling, x.shape, x_lora is not None
+        ctx.grad_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         import bitsandbytes.functional as bnbf
 
-        xl, xa, lora_a, lora_b, packed = ctx.saved_tensors
+        xl, xa, a, b, packed = ctx.saved_tensors
         dtype, scaling = xl.dtype, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         g_xa = g @ b  # (tokens × rank): the gradient reaching the adapter's inner activation
-        grad_b = (g.t() @ xa).mul_(scaling).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
-        grad_a = (g_xa.t() @ xl).mul_(scaling).to(lora_a.dtype) if ctx.needs_input_grad[2] else None
+        zero = _zero(dtype, g.device)
+        # scaling × the product as one matmul (beta=0: the zero is only broadcast, never read).
+        grad_b = grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.grad_dtypes[1])
+        if ctx.needs_input_grad[2]:
+            grad_a = torch.addmm(zero, g_xa.t(), xl, beta=0, alpha=scaling).to(ctx.grad_dtypes[0])
         grad_x = grad_x_lora = None
         if ctx.needs_input_grad[0]:
             weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(dtype)
@@ -75,8 +84,43 @@ class _LoRA4bit(torch.autograd.Function):
                 grad_x.addmm_(g_xa, a, alpha=scaling)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.dropout and ctx.needs_input_grad[1]:
-            grad_x_lora = (g_xa @ a).mul_(scaling).view(ctx.x_shape)  # back through the dropout by autograd
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None
+            grad_x_lora = torch.addmm(zero, g_xa, a, beta=0, alpha=scaling).view(ctx.x_shape)  # on through dropout
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None, None, None
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+#: Advanced by a forward pre-hook on the model (see :func:`apply_fused_lora`): each model call is a new step, whose
+#: adapter weights may have changed since the last; within one step they do not.
+_STEP = [0]
+
+
+def _next_step(*_: Any) -> None:
+    _STEP[0] += 1
+
+
+def _adapter_weights(module: Any, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter weights ``name`` of ``module`` in ``dtype``, cast once per step: the forward pass, a
+    checkpointed layer's recomputation and the backward pass share one cast (an fp32 adapter under bf16 autocast)."""
+    wa, wb = module.lora_A[name].weight, module.lora_B[name].weight
+    if wa.dtype == dtype and wb.dtype == dtype:
+        return wa, wb
+    if torch.compiler.is_compiling():  # a compiled layer fuses the casts into its graph
+        return wa.detach().to(dtype), wb.detach().to(dtype)
+    key = (_STEP[0], name, dtype, wa._version, wb._version)
+    cached = module.__dict__.get("_qlit_adapter_cast")
+    if cached is None or cached[0] != key:
+        cached = (key, wa.detach().to(dtype), wb.detach().to(dtype))
+        module.__dict__["_qlit_adapter_cast"] = cached
+    return cached[1], cached[2]
 
 
 def _lora_dtype(module: Any, x: torch.Tensor, adapter: str) -> torch.dtype:
@@ -120,6 +164,7 @@ def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
             None if isinstance(dropout, torch.nn.Identity) else dropout(x),
             module.lora_A[name].weight,
             module.lora_B[name].weight,
+            *_adapter_weights(module, name, compute),
             base.weight,
             quant_state,
             bias,
@@ -197,4 +242,6 @@ def apply_fused_lora(model: Any, choice: FusedLoraChoice) -> int:
         )
     for module in fusable:
         module.__class__ = _fused_class(type(module))
+    if fusable and _next_step not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_next_step)
     return len(fusable)

@@ -79,6 +79,25 @@ def test_fused_lora_under_bf16_autocast_matches_peft_within_bf16_rounding():
     assert torch.nn.functional.cosine_similarity(flat_f, flat_p, dim=0) > 0.995
 
 
+def test_the_adapters_bf16_cast_follows_each_change_of_its_weights_between_steps():
+    # The fp32 adapter is cast to bf16 once per step (model call) and reused by the backward pass. A change between
+    # steps, even one that bypasses autograd's version counter (``.data``), must reach the next step's forward.
+    fused, plain = _module("auto", compute_dtype="bfloat16"), _module(False, compute_dtype="bfloat16")
+    losses = []
+    for step in range(3):
+        _, loss_f, _ = _run(fused, autocast=True)
+        _, loss_p, _ = _run(plain, autocast=True)
+        assert loss_f == pytest.approx(loss_p, rel=5e-3), step
+        losses.append(loss_p)
+        for module in (fused, plain):
+            noise = torch.Generator().manual_seed(10 + step)
+            for p in (p for p in module.model.parameters() if p.requires_grad):
+                p.data.add_(torch.randn(p.shape, generator=noise))
+                p.grad = None
+    # Each change moves the loss well beyond the tolerance above, so a stale cast could not pass.
+    assert min(abs(a - b) / b for a, b in zip(losses, losses[1:])) > 2e-2
+
+
 def test_the_fused_path_runs_in_training_only_and_steps_aside_for_a_disabled_adapter():
     from peft.tuners.lora.bnb import Linear4bit
 
