@@ -92,6 +92,8 @@ _ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # nothing traced may be kept beyond the graph
+        return torch.zeros((), dtype=dtype, device=device)
     key = (dtype, device)
     if key not in _ZEROS:
         _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
