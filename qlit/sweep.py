@@ -565,7 +565,7 @@ def check_cells(study: Study, cells: Sequence[Cell] | None = None) -> dict[str, 
                 raise
             raise QlitError(f"{where}: {cause}") from None
         try:
-            instantiate(model_parser.parse_object({"model": parsed.model.as_dict()}))
+            instantiate(type(parsed)(model=parsed.model))
         except (QlitError, ValueError) as err:  # QLitModule's checks, or the peft config's own (AdaLoRA's total_step)
             cause = _qlit_error_in(err)
             refused[cell.name] = str(cause) if cause is not None else concise_parse_error(str(err))
