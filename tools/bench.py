@@ -339,8 +339,16 @@ def table(results: list[dict[str, Any]]) -> str:
 def _plan(only: list[str] | None, default: tuple[tuple[str, str, int], ...]) -> list[tuple[str, str, int]]:
     if not only:
         return list(default)
-    rows = [row.split(":") for row in only]
-    return [(workload, model, int(bs)) for workload, model, bs in rows]
+    plan = []
+    for row in only:
+        parts = row.split(":")
+        if len(parts) != 3 or parts[0] not in ("full", "sft") or parts[1] not in QWEN25 or not parts[2].isdigit():
+            raise SystemExit(
+                f"--only {row!r}: expected WORKLOAD:MODEL:BS, e.g. full:qwen2.5-1.5b:8 (workload full or sft, model "
+                f"one of {', '.join(sorted(QWEN25))})."
+            )
+        plan.append((parts[0], parts[1], int(parts[2])))
+    return plan
 
 
 def main(argv: list[str] | None = None) -> None:

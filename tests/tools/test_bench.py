@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 
+import pytest
 from helpers import ROOT
 
 from qlit.data.batching import PackingCollator, data_loader
@@ -53,3 +54,11 @@ def test_the_ablation_adds_one_change_per_row_and_ends_at_qlit_defaults() -> Non
     assert spec["compile"] is True and defaults["compile"] is False
     first = bench.ABLATION[0][1]
     assert all(first[k] != defaults[k] for k in first)  # the first row turns every optimisation off
+
+
+def test_a_malformed_only_row_is_one_sentence_naming_it() -> None:
+    bench = _bench()
+    assert bench._plan(["full:qwen2.5-1.5b:8"], bench.PLAN) == [("full", "qwen2.5-1.5b", 8)]
+    for bad in ("full:qwen2.5-1.5b", "full:qwen9:8", "long:qwen2.5-1.5b:8", "full:qwen2.5-1.5b:x"):
+        with pytest.raises(SystemExit, match=f"--only '{bad}': expected WORKLOAD:MODEL:BS"):
+            bench._plan([bad], bench.PLAN)
