@@ -31,7 +31,8 @@ class _LoRA4bit(torch.autograd.Function):
     """``x @ W.T + bias + scaling * (x_lora @ A.T) @ B.T`` with ``W`` de-quantized from 4 bits, where ``x_lora`` is
     the adapter's input: ``x`` after LoRA dropout, or ``x`` itself (``None``) without it. ``a`` and ``b`` are the
     adapter weights ``lora_a`` and ``lora_b`` in the compute dtype (the same tensors when no cast is needed); the
-    gradients for ``lora_a`` and ``lora_b`` are returned in their own dtype."""
+    gradients for ``lora_a`` and ``lora_b`` are returned in their own dtype. ``packed`` is the 4-bit weight,
+    ``absmax`` its fp32 block scales and ``spec`` ``(blocksize, quant_type, shape)``."""
 
     @staticmethod
     def forward(  # noqa: PLR0913 (autograd passes the inputs positionally)
@@ -43,49 +44,65 @@ class _LoRA4bit(torch.autograd.Function):
         a: torch.Tensor,
         b: torch.Tensor,
         packed: torch.Tensor,
-        quant_state: Any,
+        absmax: torch.Tensor,
+        spec: tuple[int, str, torch.Size],
         bias: torch.Tensor | None,
         scaling: float,
     ) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
-
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         xl = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        weight = bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+        weight = _dequantize(packed, absmax, spec, dtype)
         xa = xl @ a.t()
         out = torch.addmm(bias.to(dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
         out.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(xl, xa, a, b, packed)
-        ctx.quant_state, ctx.scaling, ctx.x_shape, ctx.dropout = quant_state, scaling, x.shape, x_lora is not None
+        ctx.save_for_backward(xl, xa, a, b, packed, absmax)
+        ctx.spec, ctx.scaling, ctx.x_shape, ctx.dropout = spec, scaling, x.shape, x_lora is not None
         ctx.grad_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        import bitsandbytes.functional as bnbf
-
-        xl, xa, a, b, packed = ctx.saved_tensors
+        xl, xa, a, b, packed, absmax = ctx.saved_tensors
         dtype, scaling = xl.dtype, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         g_xa = g @ b  # (tokens × rank): the gradient reaching the adapter's inner activation
-        zero = _zero(dtype, g.device)
-        # scaling × the product as one matmul (beta=0: the zero is only broadcast, never read).
         grad_b = grad_a = None
         if ctx.needs_input_grad[3]:
-            grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.grad_dtypes[1])
+            grad_b = _scaled_product(g.t(), xa, scaling, ctx.grad_dtypes[1])
         if ctx.needs_input_grad[2]:
-            grad_a = torch.addmm(zero, g_xa.t(), xl, beta=0, alpha=scaling).to(ctx.grad_dtypes[0])
+            grad_a = _scaled_product(g_xa.t(), xl, scaling, ctx.grad_dtypes[0])
         grad_x = grad_x_lora = None
         if ctx.needs_input_grad[0]:
-            weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(dtype)
-            grad_x = g @ weight
+            grad_x = g @ _dequantize(packed, absmax, ctx.spec, dtype)
             if not ctx.dropout:
                 grad_x.addmm_(g_xa, a, alpha=scaling)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.dropout and ctx.needs_input_grad[1]:
-            grad_x_lora = torch.addmm(zero, g_xa, a, beta=0, alpha=scaling).view(ctx.x_shape)  # on through dropout
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None, None, None
+            grad_x_lora = _scaled_product(g_xa, a, scaling, dtype).view(ctx.x_shape)  # on through dropout
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None, None, None, None
+
+
+def _dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, spec: tuple[int, str, torch.Size], dtype: torch.dtype
+) -> torch.Tensor:
+    """The 4-bit weight in ``dtype``: bitsandbytes' de-quantization kernel on scales already in fp32 (one launch;
+    its Python wrapper would first de-quantize the double-quantized scales, every call)."""
+    blocksize, quant_type, shape = spec
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, shape, dtype)
+    return weight.t() if packed.shape[0] == 1 else weight  # bitsandbytes' layout for a transposed packed weight
+
+
+def _scaled_product(m1: torch.Tensor, m2: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``scaling * m1 @ m2`` in ``out_dtype``: one matmul (beta=0: the zero is only broadcast, never read), which on
+    CUDA also writes the fp32 gradient of an fp32 adapter straight from its bf16 operands, without a cast."""
+    if out_dtype != m1.dtype and m1.is_cuda and _OUT_DTYPE_MATMUL:
+        return torch.addmm(_zero(out_dtype, m1.device), m1, m2, out_dtype=out_dtype, beta=0, alpha=scaling)
+    return torch.addmm(_zero(m1.dtype, m1.device), m1, m2, beta=0, alpha=scaling).to(out_dtype)
+
+
+#: ``torch.addmm(..., out_dtype=)`` for bf16/fp16 operands with an fp32 result on CUDA (torch 2.8 and later).
+_OUT_DTYPE_MATMUL = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 _ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -123,6 +140,24 @@ def _adapter_weights(module: Any, name: str, dtype: torch.dtype) -> tuple[torch.
         cached = (key, wa.detach().to(dtype), wb.detach().to(dtype))
         module.__dict__["_qlit_adapter_cast"] = cached
     return cached[1], cached[2]
+
+
+def _absmax(module: Any, quant_state: Any) -> torch.Tensor:
+    """The fp32 block scales of ``module``'s 4-bit weight. A double-quantized weight's scales are de-quantized once
+    and kept beside it (about 6 % of the weight's size in fp32): the base weights are frozen, and bitsandbytes would
+    otherwise de-quantize them again, two more kernels, before every de-quantization of the weight."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    cached = module.__dict__.get("_qlit_absmax")
+    # Keyed by the double-quantized scales themselves: moving the weight (``QuantState.to``) replaces them.
+    if cached is not None and cached[0] is quant_state.absmax:
+        return cached[1]
+    import bitsandbytes.functional as bnbf
+
+    absmax = (bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+    if not torch.compiler.is_compiling():  # a compiled layer computes them in its graph
+        module.__dict__["_qlit_absmax"] = (quant_state.absmax, absmax)
+    return absmax
 
 
 def _lora_dtype(module: Any, x: torch.Tensor, adapter: str) -> torch.dtype:
@@ -168,7 +203,8 @@ def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
             module.lora_B[name].weight,
             *_adapter_weights(module, name, compute),
             base.weight,
-            quant_state,
+            _absmax(module, quant_state),
+            (quant_state.blocksize, quant_state.quant_type, quant_state.shape),
             bias,
             float(module.scaling[name]),
         )
