@@ -5,8 +5,9 @@ peft's LoRA over a bitsandbytes ``Linear4bit`` computes ``base(x).clone() + lora
 the three matmuls, a copy of the output, a multiplication and an addition over it, casts of the adapter weights,
 and the same again in the backward pass — per projection, seven per decoder layer. Here the scaled adapter product
 is accumulated into the base output by the matmul itself (``addmm``), in the forward and the backward pass, and the
-4-bit weight is de-quantized once for each (as bitsandbytes does). An fp32 adapter under bf16 autocast is cast to
-bf16 once per step, not in every pass. What is saved for the backward pass is the input and the (tokens × rank)
+4-bit weight is de-quantized once for each (as bitsandbytes does, but in one kernel: the double-quantized block
+scales are de-quantized once and kept). An fp32 adapter under bf16 autocast is cast to bf16 once per step, not in
+every pass, and on CUDA its fp32 gradients come straight out of the matmuls. What is saved for the backward pass is the input and the (tokens × rank)
 adapter activation, as with peft.
 
 With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and

@@ -143,3 +143,29 @@ def test_an_unknown_value_given_from_python_is_refused_in_one_sentence(option):
 
 def test_auto_leaves_a_dora_adapter_to_peft():
     assert _module("auto", use_dora=True).fused_lora_layers == 0
+
+
+def test_the_kept_block_scales_are_bitsandbytes_own_and_follow_a_replaced_weight():
+    # A double-quantized weight's fp32 block scales are de-quantized once and kept; the weight they give must be
+    # bitsandbytes' own de-quantization, and a weight quantized anew (new scales) must not reuse the old ones.
+    import bitsandbytes.functional as bnbf
+
+    from qlit.models import fused_lora
+
+    module = _module("auto")
+    proj = module.model.base_model.model.model.layers[0].mlp.down_proj
+    state = proj.base_layer.weight.quant_state
+    assert state.nested  # qlit's default: double quantization
+    x = torch.randn(3, proj.in_features)
+    proj(x)
+    kept = proj.__dict__["_qlit_absmax"][1]
+    spec = (state.blocksize, state.quant_type, state.shape)
+    weight = fused_lora._dequantize(proj.base_layer.weight, kept, spec, torch.float32)
+    torch.testing.assert_close(weight, bnbf.dequantize_4bit(proj.base_layer.weight, state), rtol=0, atol=0)
+    # Quantize a different weight into the same layer, its state updated in place (as ``QuantState.to`` does when
+    # a weight moves): the next call de-quantizes the new scales.
+    packed, new_state = bnbf.quantize_4bit(2 * weight, quant_type=state.quant_type, compress_statistics=True)
+    proj.base_layer.weight.data = packed
+    state.absmax, state.state2, state.offset = new_state.absmax, new_state.state2, new_state.offset
+    torch.testing.assert_close(proj(x), proj.base_layer(x) + proj.lora_B["default"](proj.lora_A["default"](x)) * 2)
+    assert proj.__dict__["_qlit_absmax"][0] is new_state.absmax
