@@ -7,8 +7,8 @@ and the same again in the backward pass — per projection, seven per decoder la
 is accumulated into the base output by the matmul itself (``addmm``), in the forward and the backward pass, and the
 4-bit weight is de-quantized once for each (as bitsandbytes does, but in one kernel: the double-quantized block
 scales are de-quantized once and kept). An fp32 adapter under bf16 autocast is cast to bf16 once per step, not in
-every pass, and on CUDA its fp32 gradients come straight out of the matmuls. What is saved for the backward pass is the input and the (tokens × rank)
-adapter activation, as with peft.
+every pass, and on CUDA its fp32 gradients come straight out of the matmuls. What is saved for the backward pass
+is the input and the (tokens × rank) adapter activation, as with peft.
 
 With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and
 that is saved too, as peft does. It applies where it computes what peft does: plain LoRA (no DoRA or other
