@@ -80,7 +80,8 @@ class QLitModule(pl.LightningModule):
         optimizer: optimizer class and its arguments, e.g. ``bitsandbytes.optim.PagedAdamW8bit``.
         lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
         compile: run each decoder layer through ``torch.compile`` (CUDA): fewer kernel launches and fused
-            element-wise work; the first steps pay the compilation.
+            element-wise work; the first steps pay the compilation. The compiler fuses the norms, rotary embedding
+            and gated MLP itself, so of Liger's kernels only the fused loss is applied.
         fused_lora: LoRA over a 4-bit base as one autograd function per projection
             (:mod:`qlit.models.fused_lora`): the adapter's product accumulated into the base output by the matmul,
             without peft's copy, scaling and sum passes. ``auto`` fuses the layers where it computes exactly what
@@ -218,7 +219,7 @@ class QLitModule(pl.LightningModule):
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self._attention(device),
         )
-        self.kernels_applied = apply_kernels(model, self.kernels, device)
+        self.kernels_applied = apply_kernels(model, self.kernels, device, layer_kernels=not self.compile_layers)
         model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
         # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode as it finds it:
         # left in eval, the decoder layers would skip gradient checkpointing (and dropout) during training.

@@ -97,7 +97,8 @@ def _dequantize(
 def _scaled_product(m1: torch.Tensor, m2: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``scaling * m1 @ m2`` in ``out_dtype``: one matmul (beta=0: the zero is only broadcast, never read), which on
     CUDA also writes the fp32 gradient of an fp32 adapter straight from its bf16 operands, without a cast."""
-    if out_dtype != m1.dtype and m1.is_cuda and _OUT_DTYPE_MATMUL:
+    # Not while compiling: PyTorch 2.11's decomposition of the mixed-dtype addmm fails, and the graph fuses the cast.
+    if out_dtype != m1.dtype and m1.is_cuda and _OUT_DTYPE_MATMUL and not torch.compiler.is_compiling():
         return torch.addmm(_zero(out_dtype, m1.device), m1, m2, out_dtype=out_dtype, beta=0, alpha=scaling)
     return torch.addmm(_zero(m1.dtype, m1.device), m1, m2, beta=0, alpha=scaling).to(out_dtype)
 

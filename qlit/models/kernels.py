@@ -29,11 +29,14 @@ def check_kernels(choice: str) -> None:
         raise QlitError(f"model.kernels liger needs the liger-kernel package: {_INSTALL}, or set kernels: auto.")
 
 
-def apply_kernels(model: Any, choice: str, device: torch.device) -> str:
+def apply_kernels(model: Any, choice: str, device: torch.device, layer_kernels: bool = True) -> str:
     """Patch ``model`` (before peft wraps it) with the fused kernels ``choice`` asks for; return what was applied.
 
     ``auto`` applies Liger on CUDA when it is installed and supports the architecture, and nothing otherwise;
-    ``liger`` insists (one sentence when it cannot); ``none`` keeps transformers' own modules.
+    ``liger`` insists (one sentence when it cannot); ``none`` keeps transformers' own modules. Without
+    ``layer_kernels`` (decoder layers that ``torch.compile`` fuses itself) only the fused loss is applied: the
+    compiler cannot trace Liger's RMSNorm, RoPE and SwiGLU autograd functions (PyTorch 2.11 fails with an
+    AssertionError inside the layer).
     """
     if choice == "none":
         return "none"
@@ -49,5 +52,6 @@ def apply_kernels(model: Any, choice: str, device: torch.device) -> str:
         if choice == "liger":
             raise QlitError(f"liger-kernel has no kernels for model type '{model_type}': set kernels: auto or none.")
         return "none"
-    _apply_liger_kernel_to_instance(model=model)
+    in_layers = {} if layer_kernels else dict(rms_norm=False, rope=False, swiglu=False, geglu=False)
+    _apply_liger_kernel_to_instance(model=model, **in_layers)
     return "liger"

@@ -106,3 +106,31 @@ def test_a_model_with_attention_dropout_is_not_packed_by_default_and_trains_pack
     packed = run_cli(tmp_path / "packed", *common, "--data.init_args.packing", "true")
     assert packed.datamodule.packs()
     assert len(scalars(packed.trainer.log_dir)["train/loss"]) == 3
+
+
+def test_compiled_layers_get_liger_fused_loss_only(monkeypatch) -> None:
+    """Under ``compile: true`` the compiler fuses the norms, rotary embedding and gated MLP; Liger's autograd
+    functions for them break its tracing, so only the fused loss is patched in."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"qwen2": None}
+    fake._apply_liger_kernel_to_instance = lambda model, **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2"))
+    cuda = torch.device("cuda")
+    assert kernels.apply_kernels(model, "auto", cuda) == "liger"
+    assert kernels.apply_kernels(model, "auto", cuda, layer_kernels=False) == "liger"
+    assert calls[0] == {}  # every kernel Liger has for the architecture
+    assert calls[1] == dict(rms_norm=False, rope=False, swiglu=False, geglu=False)
+    # The module asks for the loss alone exactly when it compiles its layers.
+    from qlit import module as module_file
+
+    asked = []
+    monkeypatch.setattr(module_file, "apply_kernels", lambda *a, layer_kernels: asked.append(layer_kernels) or "none")
+    for compiled in (False, True):
+        _module(compile=compiled).configure_model()
+    assert asked == [True, False]
