@@ -10,6 +10,11 @@ scales are de-quantized once and kept). An fp32 adapter under bf16 autocast is c
 every pass, and on CUDA its fp32 gradients come straight out of the matmuls. What is saved for the backward pass
 is the input and the (tokens × rank) adapter activation, as with peft.
 
+Projections that read one input — q/k/v and gate/up in transformers' decoder layers — run as one function without
+LoRA dropout: their adapters' ``A`` stacked into one matmul in each pass, their input gradients accumulated by the
+matmuls instead of summed afterwards, one autograd node instead of three (or two). The first projection called
+computes its siblings' outputs too and hands each one over when it is called with the very same input.
+
 With LoRA dropout, the adapter reads the dropped-out input (peft's own dropout module, the same random draws) and
 that is saved too, as peft does. It applies where it computes what peft does: plain LoRA (no DoRA or other
 variant, no LoRA bias), one active adapter, not merged, the adapter computing in the base's compute dtype (under
@@ -170,8 +175,9 @@ def _lora_dtype(module: Any, x: torch.Tensor, adapter: str) -> torch.dtype:
     return module.lora_A[adapter].weight.dtype
 
 
-def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The fused forward of one peft LoRA ``Linear4bit``, or ``None`` where it would not compute what peft does."""
+def _fusable(module: Any, x: torch.Tensor) -> tuple[str, Any, torch.dtype] | None:
+    """``(adapter, quant_state, compute dtype)`` of one peft LoRA ``Linear4bit`` where the fused path computes what
+    peft does for input ``x``, else ``None``."""
     # Training mode only (generation runs in eval mode, where bitsandbytes' kernel for a few rows is faster), with or
     # without gradients: reentrant checkpointing runs a layer's first forward without them and its recomputation
     # with them, and both must take one path, so that LoRA dropout draws the same masks in both.
@@ -184,8 +190,7 @@ def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     if module.lora_B[name].bias is not None:
         return None
     base = module.base_layer
-    bias = base.bias
-    if bias is not None and bias.requires_grad:
+    if base.bias is not None and base.bias.requires_grad:
         return None
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
@@ -194,6 +199,15 @@ def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     compute = base.compute_dtype or x.dtype
     if getattr(quant_state, "packing_format_for_cpu", False) or _lora_dtype(module, x, name) != compute:
         return None
+    return name, quant_state, compute
+
+
+def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused forward of one peft LoRA ``Linear4bit``, or ``None`` where it would not compute what peft does."""
+    fusable = _fusable(module, x)
+    if fusable is None:
+        return None
+    name, quant_state, compute = fusable
     dropout = module.lora_dropout[name]
     dtype = x.dtype
     with torch.autocast(x.device.type, enabled=False):
@@ -204,13 +218,155 @@ def _fused_forward(module: Any, x: torch.Tensor) -> torch.Tensor | None:
             module.lora_A[name].weight,
             module.lora_B[name].weight,
             *_adapter_weights(module, name, compute),
-            base.weight,
+            module.base_layer.weight,
             _absmax(module, quant_state),
             (quant_state.blocksize, quant_state.quant_type, quant_state.shape),
-            bias,
+            module.base_layer.bias,
             float(module.scaling[name]),
         )
     return out.to(dtype)  # bitsandbytes returns the input's dtype, and peft's sum keeps it
+
+
+class _LoRA4bitGroup(torch.autograd.Function):
+    """:class:`_LoRA4bit` for ``n`` projections of one input without LoRA dropout (q/k/v, gate/up): one matmul for
+    the adapters' inner activations (their ``A`` stacked), one for their gradient, one for the ``A`` gradients, and
+    one input gradient accumulated by the matmuls, where separate projections take ``n`` of each and sum.
+
+    Inputs after ``x`` and ``plan`` (``(n, ranks, specs, scaling)``), ``n`` of each: ``lora_a``, ``lora_b`` (the
+    parameters, for their gradients), then the stacked ``a`` and ``n`` ``b`` in the compute dtype, the 4-bit weights,
+    their fp32 scales and their biases (or ``None``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, plan: tuple[Any, ...], *tensors: Any) -> tuple[torch.Tensor, ...]:
+        n, ranks, specs, scaling = plan
+        lora_a, lora_b = tensors[:n], tensors[n : 2 * n]
+        a_cat = tensors[2 * n]
+        b, packed, absmax, bias = (tensors[2 * n + 1 + k * n : 2 * n + 1 + (k + 1) * n] for k in range(4))
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a_cat.t()  # (tokens × the ranks' sum)
+        outs, start = [], 0
+        for i in range(n):
+            weight = _dequantize(packed[i], absmax[i], specs[i], dtype)
+            out = torch.addmm(bias[i].to(dtype), x2, weight.t()) if bias[i] is not None else x2 @ weight.t()
+            out.addmm_(xa[:, start : start + ranks[i]], b[i].t(), alpha=scaling)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            start += ranks[i]
+        ctx.save_for_backward(x2, xa, a_cat, *b, *packed, *absmax)
+        ctx.plan, ctx.x_shape = plan, x.shape
+        ctx.grad_dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n, ranks, specs, scaling = ctx.plan
+        x2, xa, a_cat, *rest = ctx.saved_tensors
+        b, packed, absmax = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        dtype = x2.dtype
+        g = [grad.reshape(-1, grad.shape[-1]).to(dtype) for grad in grads]
+        g_xa = torch.cat([g[i] @ b[i] for i in range(n)], dim=1)  # (tokens × the ranks' sum)
+        needs = ctx.needs_input_grad
+        grad_a: list[torch.Tensor | None] = [None] * n
+        grad_b: list[torch.Tensor | None] = [None] * n
+        bounds = [sum(ranks[:i]) for i in range(n + 1)]
+        if any(needs[2 : 2 + n]):
+            stacked = _scaled_product(g_xa.t(), x2, scaling, ctx.grad_dtypes[0][0])
+            grad_a = [stacked[bounds[i] : bounds[i + 1]] if needs[2 + i] else None for i in range(n)]
+        for i in range(n):
+            if needs[2 + n + i]:
+                grad_b[i] = _scaled_product(g[i].t(), xa[:, bounds[i] : bounds[i + 1]], scaling, ctx.grad_dtypes[1][i])
+        grad_x = None
+        if needs[0]:
+            for i in range(n):
+                weight = _dequantize(packed[i], absmax[i], specs[i], dtype)
+                grad_x = g[i] @ weight if grad_x is None else grad_x.addmm_(g[i], weight)
+            grad_x = grad_x.addmm_(g_xa, a_cat, alpha=scaling).view(ctx.x_shape)
+        return grad_x, None, *grad_a, *grad_b, *([None] * (4 * n + 1))
+
+
+#: Sibling projections that read the same input in the decoder layers transformers ships.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Group:
+    """Sibling projections that read one input (q/k/v, gate/up): the first one called computes all of them in one
+    :class:`_LoRA4bitGroup` and hands each sibling its output when that sibling is called with the same input (the
+    same tensor, unchanged); a call with any other input computes alone."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.pending: dict[int, torch.Tensor] = {}
+        self.source: tuple[torch.Tensor, int] | None = None
+
+    def forward(self, module: Any, x: torch.Tensor) -> torch.Tensor | None:
+        if self.pending and self.source is not None and self.source[0] is x and self.source[1] == x._version:
+            out = self.pending.pop(id(module), None)
+            if not self.pending:
+                self.source = None
+            if out is not None:
+                return out
+        if torch.compiler.is_compiling():  # a compiled layer fuses its own graph; no state kept across calls
+            return None
+        outs = _group_forward(self.members, x)
+        if outs is None:
+            return None
+        self.pending = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not module}
+        self.source = (x, x._version)
+        return outs[self.members.index(module)]
+
+
+def _group_forward(members: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """All members' fused outputs for ``x``, or ``None`` where one of them would not compute what peft does in the
+    grouped function (LoRA dropout, differing adapters, scalings or dtypes)."""
+    checks = [_fusable(m, x) for m in members]
+    if any(c is None for c in checks):
+        return None
+    names = [c[0] for c in checks]
+    compute = checks[0][2]
+    scaling = float(members[0].scaling[names[0]])
+    for m, (name, _, dtype) in zip(members, checks, strict=True):
+        if (
+            dtype != compute
+            or float(m.scaling[name]) != scaling
+            or not isinstance(m.lora_dropout[name], torch.nn.Identity)
+        ):
+            return None
+    lora_a = [m.lora_A[name].weight for m, name in zip(members, names, strict=True)]
+    lora_b = [m.lora_B[name].weight for m, name in zip(members, names, strict=True)]
+    if len({w.dtype for w in lora_a}) != 1:
+        return None
+    a_cat, b = _group_adapter_weights(members, names, compute)
+    specs = tuple((c[1].blocksize, c[1].quant_type, c[1].shape) for c in checks)
+    plan = (len(members), tuple(w.shape[0] for w in lora_a), specs, scaling)
+    dtype = x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        outs = _LoRA4bitGroup.apply(
+            x.to(compute),
+            plan,
+            *lora_a,
+            *lora_b,
+            a_cat,
+            *b,
+            *(m.base_layer.weight for m in members),
+            *(_absmax(m, c[1]) for m, c in zip(members, checks, strict=True)),
+            *(m.base_layer.bias for m in members),
+        )
+    return tuple(out.to(dtype) for out in outs)
+
+
+def _group_adapter_weights(
+    members: list[Any], names: list[str], dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The members' ``A`` stacked and their ``B``, in ``dtype``: built once per step (see :func:`_adapter_weights`),
+    kept on the first member."""
+    weights = [(m.lora_A[n].weight, m.lora_B[n].weight) for m, n in zip(members, names, strict=True)]
+    key = (_STEP[0], tuple(names), dtype, tuple((wa._version, wb._version) for wa, wb in weights))
+    cached = members[0].__dict__.get("_qlit_group_cast")
+    if cached is None or cached[0] != key:
+        a_cat = torch.cat([wa.detach() for wa, _ in weights]).to(dtype)
+        cached = (key, a_cat, [wb.detach().to(dtype) for _, wb in weights])
+        members[0].__dict__["_qlit_group_cast"] = cached
+    return cached[1], cached[2]
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -221,11 +377,32 @@ def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:
 
         def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = None if args or kwargs else _fused_forward(self, x)
+            out = None
+            if not args and not kwargs:
+                group = self.__dict__.get("_qlit_group")
+                out = group.forward(self, x) if group is not None else None
+                if out is None:
+                    out = _fused_forward(self, x)
             return out if out is not None else cls.forward(self, x, *args, **kwargs)
 
         _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
     return _FUSED_CLASSES[cls]
+
+
+def _form_groups(model: Any, fusable: set[int]) -> int:
+    """Tie the fused projections of each parent that :data:`GROUPS` names into a :class:`_Group`; return how many
+    groups there are."""
+    count = 0
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if all(m is not None and id(m) in fusable for m in members):
+                if len({m.in_features for m in members}) == 1:
+                    group = _Group(members)
+                    for m in members:
+                        m.__dict__["_qlit_group"] = group
+                    count += 1
+    return count
 
 
 def lora_4bit_modules(model: Any) -> list[Any]:
@@ -282,6 +459,7 @@ def apply_fused_lora(model: Any, choice: FusedLoraChoice) -> int:
         )
     for module in fusable:
         module.__class__ = _fused_class(type(module))
+    _form_groups(model, {id(m) for m in fusable})
     if fusable and _next_step not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_next_step)
     return len(fusable)
