@@ -389,10 +389,8 @@ def _fused_class(cls: type) -> type:
     return _FUSED_CLASSES[cls]
 
 
-def _form_groups(model: Any, fusable: set[int]) -> int:
-    """Tie the fused projections of each parent that :data:`GROUPS` names into a :class:`_Group`; return how many
-    groups there are."""
-    count = 0
+def _form_groups(model: Any, fusable: set[int]) -> None:
+    """Tie the fused projections of each parent that :data:`GROUPS` names into a :class:`_Group`."""
     for parent in model.modules():
         for names in GROUPS:
             members = [getattr(parent, name, None) for name in names]
@@ -401,8 +399,6 @@ def _form_groups(model: Any, fusable: set[int]) -> int:
                     group = _Group(members)
                     for m in members:
                         m.__dict__["_qlit_group"] = group
-                    count += 1
-    return count
 
 
 def lora_4bit_modules(model: Any) -> list[Any]:

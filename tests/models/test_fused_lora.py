@@ -11,7 +11,7 @@ from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
 
 
-def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", checkpointing=False, **lora):
+def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", checkpointing=False, compile=False, **lora):
     torch.manual_seed(0)  # the same random LoRA initialisation (B non-zero) for every build
     module = QLitModule(
         pretrained="qlit-tiny/qwen2",
@@ -21,6 +21,7 @@ def _module(fused, compute_dtype="float32", dropout=0.0, mode="nf4", checkpointi
         ),
         gradient_checkpointing=checkpointing,
         fused_lora=fused,
+        compile=compile,
     )
     module.configure_model()
     module.train()
@@ -225,25 +226,10 @@ def test_a_sibling_takes_the_grouped_output_only_for_the_same_unchanged_input():
 def test_compiled_layers_with_fused_lora_train_like_eager_ones():
     # Under torch.compile the projections run alone (no state kept across calls inside a graph) and the 4-bit
     # scales are computed in the graph; two steps, the second on the cached graphs.
-    results = {}
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        module = QLitModule(
-            pretrained="qlit-tiny/qwen2",
-            quantization=Quantization(mode="nf4", compute_dtype="float32"),
-            adapter=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
-            compile=compiled,
-        )
-        module.configure_model()
-        module.train()
-        ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-        losses = []
-        for _ in range(2):
-            out = module.model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            losses.append(out.loss.item())
-        grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
-        results[compiled] = losses, grads
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    eager, compiled = _module("auto"), _module("auto", compile=True)
+    for _ in range(2):
+        _, loss_e, grads_e = _run(eager)
+        _, loss_c, grads_c = _run(compiled)
+        assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
