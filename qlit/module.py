@@ -22,6 +22,7 @@ from qlit.errors import QlitError
 from qlit.models import attention, layers
 from qlit.models.adapters import adapter_base, check_adapter, load_adapter
 from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
+from qlit.models.graphs import GraphsChoice, LayerGraphs, check_graphs, graphable_layers
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
 from qlit.models.loading import load_causal_lm, same_base
 from qlit.models.quantization import Quantization
@@ -87,6 +88,12 @@ class QLitModule(pl.LightningModule):
             without peft's copy, scaling and sum passes. ``auto`` fuses the layers where it computes exactly what
             peft does (plain LoRA, with or without dropout) and leaves the others to peft; ``true`` insists; ``false``
             keeps peft's forward everywhere.
+        cuda_graphs: replay each decoder layer that is not checkpointed as a CUDA graph in training
+            (:mod:`qlit.models.graphs`): one launch for its forward and one for its backward pass instead of
+            hundreds, which is what bounds small models' steps. Packed steps are padded to the token budget (one
+            ignored sample), since a graph replays fixed shapes. ``auto`` applies them on one CUDA device, without
+            gradient accumulation or ``compile``, where batches are packed for the variable-length kernel; ``true``
+            insists (refused where they cannot apply); ``false`` runs every layer eagerly.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
             log directory, in ``adapter/``.
@@ -111,6 +118,7 @@ class QLitModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         fused_lora: bool | Literal["auto"] = "auto",
+        cuda_graphs: GraphsChoice = "auto",
         max_new_tokens: int = 16,
         save_adapter: bool = True,
     ) -> None:
@@ -155,6 +163,10 @@ class QLitModule(pl.LightningModule):
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
         check_fused_lora(fused_lora, adapter, quantization.is_4bit)
         self.fused_lora = fused_lora
+        check_graphs(cuda_graphs, compile, gradient_checkpointing, attn_implementation)
+        self.cuda_graphs = cuda_graphs
+        #: The decoder layers' CUDA graphs, planned at the start of training (``None``: every layer runs eagerly).
+        self.graphs: LayerGraphs | None = None
         #: LoRA layers given the fused forward, known once the model is loaded.
         self.fused_lora_layers = 0
         #: Decoder layers recomputed in the backward pass when only some are (``auto`` or a number).
@@ -334,6 +346,8 @@ class QLitModule(pl.LightningModule):
         if "cu_seq_lens" in batch:
             # A packed row: the restarting position ids let transformers' SDPA path build its per-sample mask, and
             # the sample bounds (flash-attention's keyword names) let the variable-length kernel skip any mask.
+            if self.graphs is not None and self.training and torch.is_grad_enabled():
+                batch = self.graphs.arm(batch)  # padded to the graphs' fixed shape
             bounds, longest = batch["cu_seq_lens"], batch["max_length"]
             return self.model(
                 input_ids=batch["input_ids"],
@@ -456,6 +470,49 @@ class QLitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._replan_schedule()
+        self._plan_graphs()
+
+    @property
+    def graph_held_bytes(self) -> int:
+        """GPU memory the layers' CUDA graphs hold beyond the allocator's allocated count (0 without graphs)."""
+        return self.graphs.held_bytes if self.graphs is not None else 0
+
+    def _plan_graphs(self) -> None:
+        if self.cuda_graphs is False or self.graphs is not None:
+            return
+        from qlit.data.batching import PackingCollator, TokenBudgetBatchSampler
+
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        layers_ = graphable_layers(self.model)
+        reasons = [
+            reason
+            for reason, holds in (
+                ("a CUDA device", self.device.type == "cuda"),
+                ("one process (not several devices)", trainer.world_size == 1),
+                ("no gradient accumulation (trainer.accumulate_grad_batches: 1)", trainer.accumulate_grad_batches == 1),
+                ("model.compile: false", not self.compile_layers),
+                ("a decoder layer that is not checkpointed", bool(layers_)),
+                (
+                    "packed batches through the variable-length kernel (data.packing)",
+                    isinstance(getattr(loader, "collate_fn", None), PackingCollator)
+                    and self.model.config._attn_implementation == attention.VARLEN,
+                ),
+            )
+            if not holds
+        ]
+        if reasons:
+            if self.cuda_graphs is True:
+                raise QlitError(f"model.cuda_graphs: true needs {'; '.join(reasons)}: set it to auto or false.")
+            return
+        tokens = samples = longest = None
+        if isinstance(sampler, TokenBudgetBatchSampler):
+            tokens = sampler.max_tokens
+            longest = min(max(sampler.lengths, default=tokens), tokens)
+            # Room for twice the most samples a batch of this epoch holds (later epochs shuffle), and the padding.
+            samples = 2 * max((len(batch) for batch in sampler.plan()), default=1) + 1
+        self.graphs = LayerGraphs(layers_, tokens=tokens, samples=samples, longest=longest)
 
     def _replan_schedule(self) -> None:
         # A checkpoint restores the whole scheduler, its length included: a finished run resumed to train longer

@@ -80,8 +80,8 @@ def test_fast_paths_keep_the_loss_curve(tmp_path):
     """Every optimisation against the unoptimised run, on the same packed batches for 20 steps: packed rows through
     the variable-length kernel, Liger's fused kernels (where installed), bf16 frozen norms and embeddings
     (``prepare_kbit: auto``) and the fused LoRA forward — all defaults — then each default alone turned back, and
-    selective checkpointing with compiled layers. The unoptimised run: SDPA with transformers' per-sample mask,
-    plain modules, peft's fp32 copies and peft's LoRA forward."""
+    selective checkpointing with compiled layers, and with the layers replayed as CUDA graphs. The unoptimised run:
+    SDPA with transformers' per-sample mask, plain modules, peft's fp32 copies and peft's LoRA forward."""
     common = ["fit", *GPU, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0"]
     m = "--model.init_args."
     curves, paths = {}, {}
@@ -92,19 +92,25 @@ def test_fast_paths_keep_the_loss_curve(tmp_path):
         "fp32_frozen": [m + "prepare_kbit", "true"],
         "peft_lora": [m + "fused_lora", "false"],
         "compiled": [m + "gradient_checkpointing", "auto", m + "compile", "true"],
+        "graphs": [m + "gradient_checkpointing", "auto", m + "cuda_graphs", "true"],
     }.items():  # fmt: skip
         cli = run_cli(tmp_path / name, *common, "--data.init_args.packing", "true", *extra)
         curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
         module = cli.model
         paths[name] = (module.model.config._attn_implementation, module.kernels_applied, module.fused_lora_layers > 0)
+        if name == "graphs":  # every layer kept (auto), so every one replayed as a graph at every step
+            assert module.graphs is not None and len(module.graphs.layers) == module.model.config.num_hidden_layers
+            assert module.graphs.replays == 20 * len(module.graphs.layers), module.graphs.replays
+        elif name == "compiled":
+            assert module.graphs is None  # auto: compiled layers are not graphed
         if name == "fast":
             frozen = {p.dtype for p in module.parameters() if not p.requires_grad and p.dtype.is_floating_point}
             assert frozen == {torch.bfloat16}, frozen
     assert paths["fast"][:2] == ("qlit_varlen", "liger" if kernels.liger_installed() else "none"), paths
     assert paths["plain"] == ("sdpa", "none", False), paths
     assert paths["fast"][2] and not paths["peft_lora"][2], paths
-    assert paths["compiled"] == paths["fp32_frozen"] == paths["fast"], paths
-    for name in ("fast", "fp32_frozen", "peft_lora", "compiled"):
+    assert paths["compiled"] == paths["fp32_frozen"] == paths["fast"] == paths["graphs"], paths
+    for name in ("fast", "fp32_frozen", "peft_lora", "compiled", "graphs"):
         assert len(curves["plain"]) == len(curves[name]) == 20
         # bf16 autocast: the kernels round differently; the curves must agree step for step, not bit for bit.
         worst = max(abs(a - b) for a, b in zip(curves["plain"], curves[name], strict=True))

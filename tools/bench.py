@@ -20,7 +20,8 @@ warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true 
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
 layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
 only for a float16 compute dtype | true: always, the QLoRA recipe), fused_lora (auto, the default | false: peft's
-LoRA forward), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+LoRA forward), cuda_graphs (auto, the default | false: the decoder layers run eagerly), callbacks (true: qlit's
+measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -55,14 +56,23 @@ PLAN = (
 ABLATION = (
     (
         "padded rows, SDPA, no fused kernels, fp32 frozen weights, peft's LoRA, every layer checkpointed",
-        dict(packing=False, attention="sdpa", kernels="none", prepare_kbit=True, fused_lora=False, ckpt=True),
+        dict(
+            packing=False,
+            attention="sdpa",
+            kernels="none",
+            prepare_kbit=True,
+            fused_lora=False,
+            ckpt=True,
+            cuda_graphs=False,
+        ),
     ),
     ("+ packing by a token budget, variable-length flash attention", dict(packing=True, attention="auto")),
     ("+ Liger's fused linear + cross-entropy, RMSNorm, RoPE, SwiGLU", dict(kernels="auto")),
     ("+ bf16 frozen weights (`prepare_kbit: auto`)", dict(prepare_kbit="auto")),
     ("+ fused LoRA forward (`fused_lora: auto`)", dict(fused_lora="auto")),
-    ("+ `gradient_checkpointing: auto` (qlit's defaults)", dict(ckpt="auto")),
-    ("+ `compile: true`", dict(compile=True)),
+    ("+ `gradient_checkpointing: auto`", dict(ckpt="auto")),
+    ("+ CUDA graphs of the layers that are not checkpointed (qlit's defaults)", dict(cuda_graphs="auto")),
+    ("`compile: true` instead of the graphs", dict(compile=True, cuda_graphs=False)),
 )
 #: The workloads ``--ablation`` runs: (workload, model, rows per step).
 ABLATION_PLAN = (("sft", "qwen2.5-0.5b", 8), ("full", "qwen2.5-7b", 4))
@@ -165,6 +175,7 @@ def run(
     compile: bool = False,
     prepare_kbit: bool | str = "auto",
     fused_lora: bool | str = "auto",
+    cuda_graphs: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
@@ -188,6 +199,7 @@ def run(
         compile=compile,
         prepare_kbit=prepare_kbit,
         fused_lora=fused_lora,
+        cuda_graphs=cuda_graphs,
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -235,10 +247,12 @@ def run(
         compile=compile,
         prepare_kbit=prepare_kbit,
         fused_lora=module.fused_lora_layers,
+        cuda_graphs=f"{len(module.graphs.layers)} layers, {module.graphs.replays} replays" if module.graphs else None,
         attention=module.model.config._attn_implementation,
         kernels=module.kernels_applied,
         tokens_per_s=round(tokens / elapsed),
-        peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        # The graphs' pool holds the activations they keep between replays outside the allocated count: add it.
+        peak_alloc_gib=round((torch.cuda.max_memory_allocated() + module.graph_held_bytes) / 2**30, 2),
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
         step_s=round(elapsed / steps, 4),
     )

@@ -66,6 +66,7 @@ class GPUMemoryMonitor(Callback):
         self._every = 1
         self._last_step = 0
         self._said_cpu = False
+        self._module: LightningModule | None = None
 
     @property
     def _cuda(self) -> bool:
@@ -73,6 +74,7 @@ class GPUMemoryMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._device = trainer.strategy.root_device
+        self._module = pl_module
         self._every = self.log_every_n_steps or trainer.log_every_n_steps or 1
         if not self._cuda and not self._said_cpu:
             self._said_cpu = True
@@ -106,10 +108,11 @@ class GPUMemoryMonitor(Callback):
             return {"cpu/peak_rss_gib": peak_rss_bytes() / GIB}
         # One snapshot of the allocator's counters (host-side bookkeeping: no sync) rather than four calls.
         stats = torch.cuda.memory_stats(self._device)
+        held = getattr(self._module, "graph_held_bytes", 0)
         return {
-            "gpu/allocated_gib": stats.get("allocated_bytes.all.current", 0) / GIB,
+            "gpu/allocated_gib": (stats.get("allocated_bytes.all.current", 0) + held) / GIB,
             "gpu/reserved_gib": stats.get("reserved_bytes.all.current", 0) / GIB,
-            "gpu/peak_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / GIB,
+            "gpu/peak_allocated_gib": (stats.get("allocated_bytes.all.peak", 0) + held) / GIB,
             "gpu/peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GIB,
         }
 

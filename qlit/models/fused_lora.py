@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from qlit.errors import QlitError
+from qlit.models.graphs import capturing
 
 FusedLoraChoice = Literal[True, False, "auto"]
 
@@ -116,7 +117,7 @@ _ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # nothing traced may be kept beyond the graph
+    if torch.compiler.is_compiling() or capturing():  # nothing traced or recorded may be kept beyond the graph
         return torch.zeros((), dtype=dtype, device=device)
     key = (dtype, device)
     if key not in _ZEROS:
@@ -139,7 +140,7 @@ def _adapter_weights(module: Any, name: str, dtype: torch.dtype) -> tuple[torch.
     wa, wb = module.lora_A[name].weight, module.lora_B[name].weight
     if wa.dtype == dtype and wb.dtype == dtype:
         return wa, wb
-    if torch.compiler.is_compiling():  # a compiled layer fuses the casts into its graph
+    if torch.compiler.is_compiling() or capturing():  # a compiled layer fuses the casts; a CUDA graph replays them
         return wa.detach().to(dtype), wb.detach().to(dtype)
     key = (_STEP[0], name, dtype, wa._version, wb._version)
     cached = module.__dict__.get("_qlit_adapter_cast")
@@ -162,7 +163,7 @@ def _absmax(module: Any, quant_state: Any) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     absmax = (bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
-    if not torch.compiler.is_compiling():  # a compiled layer computes them in its graph
+    if not (torch.compiler.is_compiling() or capturing()):  # a compiled layer or a CUDA graph computes them itself
         module.__dict__["_qlit_absmax"] = (quant_state.absmax, absmax)
     return absmax
 
@@ -360,6 +361,8 @@ def _group_adapter_weights(
     """The members' ``A`` stacked and their ``B``, in ``dtype``: built once per step (see :func:`_adapter_weights`),
     kept on the first member."""
     weights = [(m.lora_A[n].weight, m.lora_B[n].weight) for m, n in zip(members, names, strict=True)]
+    if capturing():  # a CUDA graph replays the casts
+        return torch.cat([wa.detach() for wa, _ in weights]).to(dtype), [wb.detach().to(dtype) for _, wb in weights]
     key = (_STEP[0], tuple(names), dtype, tuple((wa._version, wb._version) for wa, wb in weights))
     cached = members[0].__dict__.get("_qlit_group_cast")
     if cached is None or cached[0] != key:

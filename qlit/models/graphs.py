@@ -1,0 +1,251 @@
+"""CUDA graphs of the decoder layers in training: each layer's forward and backward pass replayed as one graph.
+
+A small model's step is bound by the host, not the GPU: thousands of kernels a step, each launched from Python
+through transformers', peft's and autograd's layers, while the GPU waits between them. A CUDA graph records a
+layer's kernels once and replays them with one launch, so the host's cost per layer no longer depends on what is
+inside it. PyTorch's :func:`torch.cuda.make_graphed_callables` does the recording: every graphed layer becomes one
+autograd node whose forward and backward passes are graphs, sharing one memory pool.
+
+A graph replays fixed shapes and fixed memory, so it applies where the step is packed (one row, sample bounds in
+``cu_seq_lens``) and every packed step has one shape: :meth:`LayerGraphs.arm` pads a packed batch to the token
+budget with one extra sample whose labels are ignored (it attends only to itself, so no real sample's loss or
+gradient changes), and pads the sample bounds with empty samples up to a fixed count. Padding costs the compute of
+the missing tokens: under a token budget batches are full but for their last row.
+
+Only layers that are not checkpointed are graphed (a graph keeps its activations; recomputation is the opposite
+trade), only in training with gradients, and only on one device without gradient accumulation: a graph's
+gradients live in its own buffers, which a second backward pass before the optimizer step would overwrite. Anything
+else — validation, generation, a batch longer than the budget — runs the same layers eagerly.
+
+The memory a graph's pool holds counts as allocated: :attr:`LayerGraphs.held_bytes` is what the pool reserves
+beyond the tensors the allocator counts (the activations the graphs keep between their forward and backward
+replays), and qlit's memory figures add it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from qlit.batch import IGNORE_INDEX
+from qlit.errors import QlitError
+
+GraphsChoice = Literal[True, False, "auto"]
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being recorded on the current stream: nothing computed now may be cached for later
+    use outside the graph, and nothing cached from outside may stand in for a computation the graph must replay."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def check_graphs(choice: GraphsChoice, compile_layers: bool, checkpointing: Any, attn_implementation: Any) -> None:
+    """Refuse, when the config is read, ``cuda_graphs: true`` with settings it cannot apply under (what depends on
+    the device, the data and the trainer is checked when training starts)."""
+    if not (isinstance(choice, bool) or choice == "auto"):
+        raise QlitError(f"model.cuda_graphs must be true, false or auto, got {choice!r}.")
+    if choice is not True:
+        return
+    if compile_layers:
+        raise QlitError(
+            "model.cuda_graphs: true and model.compile: true both take over the decoder layers: set one of them to "
+            "false (or cuda_graphs to auto)."
+        )
+    if checkpointing is True:
+        raise QlitError(
+            "model.cuda_graphs: true graphs the decoder layers that are not checkpointed, and "
+            "model.gradient_checkpointing: true checkpoints all of them: set gradient_checkpointing to auto or a "
+            "number of layers, or cuda_graphs to auto."
+        )
+    from qlit.models.attention import VARLEN
+
+    if attn_implementation not in ("auto", VARLEN):
+        raise QlitError(
+            f"model.cuda_graphs: true needs packed batches through the variable-length kernel, which "
+            f"model.attn_implementation {attn_implementation!r} does not use: set it to auto, or cuda_graphs to auto."
+        )
+
+
+class _LayerCall(torch.nn.Module):
+    """One decoder layer called with the tensors of a packed step as positional arguments, as
+    :func:`torch.cuda.make_graphed_callables` takes them; the step's constants (the longest sample) are fixed."""
+
+    def __init__(self, layer: torch.nn.Module, eager: Any, names: tuple[str, ...], constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.eager = eager
+        self.names = names
+        self.constants = constants
+
+    def forward(self, hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(self.constants)
+        for name, value in zip(self.names, tensors, strict=True):
+            kwargs[name] = value
+        cos, sin = kwargs.pop("cos"), kwargs.pop("sin")
+        bounds = kwargs.pop("bounds")
+        out = self.eager(hidden, position_embeddings=(cos, sin), cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LayerGraphs:
+    """The CUDA graphs of a model's non-checkpointed decoder layers (see the module docstring).
+
+    :meth:`arm` prepares each training step's packed batch; the layers' forward then replays their graphs for that
+    batch (recording them at the first armed step) and runs eagerly for anything else.
+
+    Args:
+        layers: the decoder layers to graph, in the order the model calls them (consecutive).
+        tokens: the static token count of a step (the token budget), or ``None`` for the first armed batch's.
+        samples: the most samples a step may hold, or ``None`` for the first armed batch's (doubled).
+        longest: the longest sample a step may hold, or ``None`` for ``tokens``.
+    """
+
+    def __init__(
+        self, layers: list[torch.nn.Module], tokens: int | None, samples: int | None, longest: int | None
+    ) -> None:
+        self.layers = layers
+        self.tokens, self.samples, self.longest = tokens, samples, longest
+        self.graphed: list[Any] | None = None
+        self.armed: torch.Tensor | None = None  # the padded sample bounds of the step being run
+        self.failed: str | None = None
+        self.input_requires_grad: bool | None = None
+        self.replays = 0
+        #: Bytes the graphs' memory pool holds beyond the allocator's allocated count, once recorded.
+        self.held_bytes = 0
+        self._spec: tuple[tuple[str, ...], dict[str, Any]] | None = None
+        for index, layer in enumerate(layers):
+            eager = layer.forward
+            layer.forward = self._dispatcher(index, layer, eager)  # an instance attribute: nn.Module calls it
+            layer.__dict__["_qlit_eager_forward"] = eager
+
+    # ----- the step -------------------------------------------------------------------------------------------------
+    def arm(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` (packed: ``input_ids``, ``labels``, ``position_ids``, ``cu_seq_lens``, ``max_length``) padded to
+        the graphs' static shape, with the graphs armed for it; unchanged and disarmed where it does not fit."""
+        self.armed = None
+        if self.failed is not None:
+            return batch
+        ids, bounds = batch["input_ids"], batch["cu_seq_lens"]
+        n_tokens, n_samples, longest = ids.shape[1], bounds.shape[0] - 1, int(batch["max_length"])
+        if self.tokens is None:
+            self.tokens = n_tokens
+        if self.samples is None:
+            self.samples = 2 * n_samples
+        if self.longest is None:
+            self.longest = self.tokens
+        if n_tokens > self.tokens or longest > self.longest or n_samples + (n_tokens < self.tokens) > self.samples:
+            return batch  # does not fit the recorded shape: this step runs eagerly
+        pad = self.tokens - n_tokens
+        device = ids.device
+        padded = dict(batch)
+        if pad:
+            padded["input_ids"] = torch.cat([ids, ids.new_zeros(1, pad)], dim=1)
+            padded["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, pad), IGNORE_INDEX)], dim=1)
+            padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad, device=device)[None]], dim=1)
+        # Bounds: the real samples, the padding sample (if any), then empty samples up to the static count.
+        fill = bounds.new_full((self.samples + 1 - bounds.shape[0],), self.tokens)
+        padded["cu_seq_lens"] = torch.cat([bounds.to(torch.int32), fill.to(torch.int32)])
+        padded["max_length"] = self.longest
+        self.armed = padded["cu_seq_lens"]
+        return padded
+
+    # ----- the layers -----------------------------------------------------------------------------------------------
+    def _dispatcher(self, index: int, layer: torch.nn.Module, eager: Any) -> Any:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if (
+                self.armed is not None
+                and not args
+                and kwargs.get("cu_seq_lens_q") is self.armed
+                and layer.training
+                and torch.is_grad_enabled()
+            ):
+                if self.graphed is None and index == 0 and self.failed is None:
+                    self._record(hidden_states, kwargs)
+                tensors = self._tensors(kwargs) if self.graphed is not None else None
+                if tensors is not None and (index or hidden_states.requires_grad == self.input_requires_grad):
+                    self.replays += 1
+                    return self.graphed[index](hidden_states, *tensors)
+            return eager(hidden_states, *args, **kwargs)
+
+        return forward
+
+    def _split(self, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], list[torch.Tensor], dict[str, Any]] | None:
+        """The armed call's keyword arguments as graph inputs (names, tensors) and constants, or ``None`` for a call
+        a graph cannot take (a mask, a cache)."""
+        names, tensors, constants = [], [], {}
+        for key, value in kwargs.items():
+            if key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                continue
+            if key == "position_embeddings":
+                if not (isinstance(value, tuple) and len(value) == 2):
+                    return None
+                names += ["cos", "sin"]
+                tensors += list(value)
+            elif isinstance(value, torch.Tensor):
+                if key == "attention_mask":
+                    return None
+                names.append(key)
+                tensors.append(value)
+            elif key == "past_key_values" and value is not None:
+                return None
+            else:
+                constants[key] = value
+        if "cos" not in names:
+            return None
+        names.append("bounds")
+        tensors.append(kwargs["cu_seq_lens_q"])
+        return tuple(names), tensors, constants
+
+    def _tensors(self, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
+        split = self._split(kwargs)
+        if split is None or self._spec is None or split[0] != self._spec[0] or split[2] != self._spec[1]:
+            return None
+        return split[1]
+
+    def _record(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        split = self._split(kwargs)
+        if split is None:
+            self.failed = "the layers' call has a mask or a cache"
+            return
+        names, tensors, constants = split
+        self._spec = (names, constants)
+        self.input_requires_grad = hidden.requires_grad
+        calls = tuple(
+            _LayerCall(layer, layer.__dict__["_qlit_eager_forward"], names, constants) for layer in self.layers
+        )
+        shared = tuple(t.detach().clone() for t in tensors)  # read-only inputs: one static copy serves every layer
+        samples = []
+        for i in range(len(calls)):
+            requires_grad = hidden.requires_grad if i == 0 else True
+            samples.append((hidden.detach().clone().requires_grad_(requires_grad), *shared))
+        dtype = torch.get_autocast_dtype("cuda")
+        pool = torch.cuda.graph_pool_handle()
+        # make_graphed_callables records under autocast only without its cast cache (a cached cast made while
+        # recording would be read outside the graph, or a cast made before it stand in for one the graph must redo).
+        with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(
+                calls, tuple(samples), num_warmup_iters=2, allow_unused_input=True, pool=pool
+            )
+        self.graphed = list(graphed)
+        self.held_bytes = _pool_idle_bytes(pool)
+
+
+def _pool_idle_bytes(pool: Any) -> int:
+    """Bytes of ``pool``'s segments that no live tensor occupies (kept for the graphs' replays)."""
+    idle = 0
+    for segment in torch.cuda.memory_snapshot():
+        if tuple(segment.get("segment_pool_id", ())) == tuple(pool):
+            idle += segment["total_size"] - segment["allocated_size"]
+    return idle
+
+
+def graphable_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder layers that would be graphed: those not checkpointed, when they are the last ones."""
+    from qlit.models.layers import decoder_layers
+
+    layers = decoder_layers(model)
+    kept = [layer for layer in layers if not getattr(layer, "gradient_checkpointing", False)]
+    if kept and kept != layers[len(layers) - len(kept) :]:
+        return []  # checkpointed layers between graphed ones: not a plan this module makes
+    return kept
