@@ -480,6 +480,8 @@ class QLitModule(pl.LightningModule):
     def _plan_graphs(self) -> None:
         if self.cuda_graphs is False or self.graphs is not None:
             return
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
         from qlit.data.batching import PackingCollator, TokenBudgetBatchSampler
 
         trainer = self.trainer
@@ -490,7 +492,7 @@ class QLitModule(pl.LightningModule):
             reason
             for reason, holds in (
                 ("a CUDA device", self.device.type == "cuda"),
-                ("one process (not several devices)", trainer.world_size == 1),
+                ("one device without a distributed strategy", isinstance(trainer.strategy, SingleDeviceStrategy)),
                 ("no gradient accumulation (trainer.accumulate_grad_batches: 1)", trainer.accumulate_grad_batches == 1),
                 ("model.compile: false", not self.compile_layers),
                 ("a decoder layer that is not checkpointed", bool(layers_)),
