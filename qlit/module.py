@@ -242,12 +242,22 @@ class QLitModule(pl.LightningModule):
         if self.gradient_checkpointing == "auto":
             fused = self.kernels_applied == "liger"
             fp32_stream = self.quantization.backend.kbit_training and self.upcasts_frozen_weights
-            recomputed = layers.auto_checkpointed(self.model, fused, fp32_stream)
+            recomputed = layers.auto_checkpointed(self.model, fused, fp32_stream, graphed=self._may_graph(device))
             self.checkpointed_layers = layers.checkpoint_first(self.model, recomputed)
         elif not isinstance(self.gradient_checkpointing, bool):
             self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
         if self.compile_layers:
             layers.compile_layers(self.model)
+
+    def _may_graph(self, device: torch.device) -> bool:
+        """Whether the layers kept from checkpointing may be replayed as CUDA graphs (what the trainer and the data
+        decide is known only when training starts)."""
+        return (
+            self.cuda_graphs is not False
+            and device.type == "cuda"
+            and not self.compile_layers
+            and self.model.config._attn_implementation == attention.VARLEN
+        )
 
     def _attention(self, device: torch.device) -> str | None:
         if self.attn_implementation == attention.VARLEN:

@@ -187,6 +187,8 @@ def run(
     from qlit.module import QLitModule
 
     path = model_dir(model)
+    gc.collect()  # nothing of an earlier run in this process may count in this one's peak
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     module = QLitModule(
         pretrained=path,

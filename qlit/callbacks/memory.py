@@ -66,7 +66,6 @@ class GPUMemoryMonitor(Callback):
         self._every = 1
         self._last_step = 0
         self._said_cpu = False
-        self._module: LightningModule | None = None
 
     @property
     def _cuda(self) -> bool:
@@ -74,7 +73,6 @@ class GPUMemoryMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._device = trainer.strategy.root_device
-        self._module = pl_module
         self._every = self.log_every_n_steps or trainer.log_every_n_steps or 1
         if not self._cuda and not self._said_cpu:
             self._said_cpu = True
@@ -102,13 +100,14 @@ class GPUMemoryMonitor(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log(trainer)
 
-    def read(self) -> dict[str, float]:
-        """The memory metrics now, in GiB."""
+    def read(self, held_bytes: int = 0) -> dict[str, float]:
+        """The memory metrics now, in GiB; ``held_bytes`` is memory that CUDA graphs hold outside the allocated
+        count (``QLitModule.graph_held_bytes``)."""
         if not self._cuda:
             return {"cpu/peak_rss_gib": peak_rss_bytes() / GIB}
         # One snapshot of the allocator's counters (host-side bookkeeping: no sync) rather than four calls.
         stats = torch.cuda.memory_stats(self._device)
-        held = getattr(self._module, "graph_held_bytes", 0)
+        held = held_bytes
         return {
             "gpu/allocated_gib": (stats.get("allocated_bytes.all.current", 0) + held) / GIB,
             "gpu/reserved_gib": stats.get("reserved_bytes.all.current", 0) / GIB,
@@ -117,7 +116,8 @@ class GPUMemoryMonitor(Callback):
         }
 
     def _log(self, trainer: Trainer) -> None:
-        log_to_loggers(trainer, self._largest_over_ranks(trainer, self.read()))
+        held = getattr(trainer.lightning_module, "graph_held_bytes", 0)
+        log_to_loggers(trainer, self._largest_over_ranks(trainer, self.read(held)))
 
     def _largest_over_ranks(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
         # Called by every rank at the same steps (the global step is the same on all): a collective.

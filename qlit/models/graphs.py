@@ -114,6 +114,7 @@ class LayerGraphs:
         #: Bytes the graphs' memory pool holds beyond the allocator's allocated count, once recorded.
         self.held_bytes = 0
         self._spec: tuple[tuple[str, ...], dict[str, Any]] | None = None
+        self._accumulators: list[Any] = []
         for index, layer in enumerate(layers):
             eager = layer.forward
             layer.forward = self._dispatcher(index, layer, eager)  # an instance attribute: nn.Module calls it
@@ -219,6 +220,15 @@ class LayerGraphs:
         for i in range(len(calls)):
             requires_grad = hidden.requires_grad if i == 0 else True
             samples.append((hidden.detach().clone().requires_grad_(requires_grad), *shared))
+        # Each trainable parameter's gradient accumulator, made here on the training stream and kept: the recording
+        # (on its own stream) then reuses it, instead of making one whose stream every later backward pass would
+        # have to synchronise with.
+        self._accumulators = [
+            p.view_as(p).grad_fn.next_functions[0][0]
+            for layer in self.layers
+            for p in layer.parameters()
+            if p.requires_grad
+        ]
         dtype = torch.get_autocast_dtype("cuda")
         pool = torch.cuda.graph_pool_handle()
         # make_graphed_callables records under autocast only without its cast cache (a cached cast made while

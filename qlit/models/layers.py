@@ -43,17 +43,21 @@ ACTIVATION_BYTES_FP32_STREAM = 12
 #: the fp32 log-probabilities and the gradient. Measured against the recipe's peak (every layer checkpointed,
 #: transformers' loss): 11.8, 11.6 and 13.3 on Qwen2.5-0.5B, -1.5B and -7B.
 LOGIT_BYTES = 12
+#: A decoder layer replayed as a CUDA graph keeps three (tokens × hidden) buffers an eager one does not: the copy of
+#: its input, and the fixed gradients of its output and input.
+GRAPH_BUFFERS = 3
 
 
-def auto_checkpointed(model: Any, fused_loss: bool, fp32_stream: bool = False) -> int:
+def auto_checkpointed(model: Any, fused_loss: bool, fp32_stream: bool = False, graphed: bool = False) -> int:
     """How many decoder layers ``gradient_checkpointing: auto`` recomputes.
 
     The fused linear + cross-entropy never holds the (tokens × vocabulary) logits; ``auto`` spends that memory on
     keeping whole layers' activations instead of recomputing them, so the peak stays at or below an unfused
     run's with every layer checkpointed. Both scale with the tokens of a batch, so the split does not depend on
     the batch. With a bf16 residual stream Qwen2.5-0.5B keeps all of its 24 layers, 1.5B 23 of 28 and 7B 10 of 28;
-    with an fp32 stream (``fp32_stream``: peft's kbit preparation) all 24 of 0.5B and 6 of 7B's 28. Without the
-    fused loss every layer is checkpointed.
+    with an fp32 stream (``fp32_stream``: peft's kbit preparation) all 24 of 0.5B and 6 of 7B's 28. Layers kept
+    to be replayed as CUDA graphs (``graphed``) cost :data:`GRAPH_BUFFERS` more (tokens × hidden) buffers each: 1.5B
+    then keeps 20, 7B 9. Without the fused loss every layer is checkpointed.
     """
     layers = len(decoder_layers(model))
     if not fused_loss:
@@ -65,6 +69,8 @@ def auto_checkpointed(model: Any, fused_loss: bool, fp32_stream: bool = False) -
     if not hidden or not vocab:
         return layers
     per_layer = (ACTIVATION_BYTES_FP32_STREAM if fp32_stream else ACTIVATION_BYTES) * (hidden + inner)
+    if graphed:
+        per_layer += GRAPH_BUFFERS * (4 if fp32_stream else 2) * hidden
     kept = int(LOGIT_BYTES * vocab // per_layer)
     return max(0, layers - kept)
 

@@ -53,27 +53,35 @@ def test_checkpointing_the_first_layers_only_keeps_the_rest_and_the_numbers() ->
 
 
 @pytest.mark.parametrize(
-    ("name", "fp32_stream", "checkpointed", "total"),
+    ("name", "fp32_stream", "graphed", "checkpointed", "total"),
     [
-        ("qwen2.5-0.5b", False, 0, 24),
-        ("qwen2.5-1.5b", False, 5, 28),
-        ("qwen2.5-7b", False, 18, 28),
-        ("qwen2.5-0.5b", True, 0, 24),
-        ("qwen2.5-7b", True, 22, 28),
+        ("qwen2.5-0.5b", False, False, 0, 24),
+        ("qwen2.5-1.5b", False, False, 5, 28),
+        ("qwen2.5-7b", False, False, 18, 28),
+        ("qwen2.5-0.5b", True, False, 0, 24),
+        ("qwen2.5-7b", True, False, 22, 28),
+        ("qwen2.5-0.5b", False, True, 0, 24),
+        ("qwen2.5-1.5b", False, True, 8, 28),
+        ("qwen2.5-7b", False, True, 19, 28),
     ],
 )
-def test_auto_spends_what_the_fused_loss_saves(name: str, fp32_stream: bool, checkpointed: int, total: int) -> None:
+def test_auto_spends_what_the_fused_loss_saves(
+    name: str, fp32_stream: bool, graphed: bool, checkpointed: int, total: int
+) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN25[name]))
     # Kept layers' activations (7.5 B, or 12 B with an fp32 residual stream, × (hidden + intermediate) per token
-    # each) fit in the unfused logits' 12 B × vocabulary.
-    assert layers.auto_checkpointed(model, fused_loss=True, fp32_stream=fp32_stream) == checkpointed
+    # each, and three bf16 (tokens × hidden) buffers more for a graphed layer) fit in the unfused logits' 12 B ×
+    # vocabulary.
+    got = layers.auto_checkpointed(model, fused_loss=True, fp32_stream=fp32_stream, graphed=graphed)
+    assert got == checkpointed
     config = QWEN25[name]
     kept = total - checkpointed
     per_token = layers.ACTIVATION_BYTES_FP32_STREAM if fp32_stream else layers.ACTIVATION_BYTES
     per_layer = per_token * (config["hidden_size"] + config["intermediate_size"])
+    per_layer += graphed * layers.GRAPH_BUFFERS * 2 * config["hidden_size"]
     assert kept * per_layer <= layers.LOGIT_BYTES * config["vocab_size"]
     assert kept == total or layers.LOGIT_BYTES * config["vocab_size"] < (kept + 1) * per_layer
     assert layers.auto_checkpointed(model, fused_loss=False) == total  # no fused loss: nothing to spend
