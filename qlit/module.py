@@ -524,7 +524,9 @@ class QLitModule(pl.LightningModule):
             longest = min(max(sampler.lengths, default=tokens), tokens)
             # Room for twice the most samples a batch of this epoch holds (later epochs shuffle), and the padding.
             samples = 2 * max((len(batch) for batch in sampler.plan()), default=1) + 1
-        self.graphs = LayerGraphs(layers_, tokens=tokens, samples=samples, longest=longest)
+        self.graphs = LayerGraphs(
+            layers_, tokens=tokens, samples=samples, longest=longest, insist=self.cuda_graphs is True
+        )
 
     def _replan_schedule(self) -> None:
         # A checkpoint restores the whole scheduler, its length included: a finished run resumed to train longer

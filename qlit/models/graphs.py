@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from qlit.batch import IGNORE_INDEX
 from qlit.errors import QlitError
@@ -99,12 +100,20 @@ class LayerGraphs:
         tokens: the static token count of a step (the token budget), or ``None`` for the first armed batch's.
         samples: the most samples a step may hold, or ``None`` for the first armed batch's (doubled).
         longest: the longest sample a step may hold, or ``None`` for ``tokens``.
+        insist: a model whose layers cannot be recorded is an error (``cuda_graphs: true``); otherwise its layers
+            run eagerly, said once.
     """
 
     def __init__(
-        self, layers: list[torch.nn.Module], tokens: int | None, samples: int | None, longest: int | None
+        self,
+        layers: list[torch.nn.Module],
+        tokens: int | None,
+        samples: int | None,
+        longest: int | None,
+        insist: bool = False,
     ) -> None:
         self.layers = layers
+        self.insist = insist
         self.tokens, self.samples, self.longest = tokens, samples, longest
         self.graphed: list[Any] | None = None
         self.armed: torch.Tensor | None = None  # the padded sample bounds of the step being run
@@ -207,9 +216,25 @@ class LayerGraphs:
     def _record(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         split = self._split(kwargs)
         if split is None:
-            self.failed = "the layers' call has a mask or a cache"
-            return
-        names, tensors, constants = split
+            return self._give_up("its decoder layers are called with a mask or a cache, or without rotary embeddings")
+        try:
+            self._make(hidden, *split)
+        except (RuntimeError, AssertionError) as err:  # an operation that CUDA graphs cannot record (a host sync)
+            self.graphed = None
+            torch.cuda.synchronize()
+            self._give_up(f"recording its decoder layers failed ({str(err).splitlines()[0][:160]})")
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        if self.insist:
+            raise QlitError(
+                f"model.cuda_graphs: true cannot graph this model: {why}. Set cuda_graphs to auto or false."
+            )
+        rank_zero_info(f"CUDA graphs off for this run: {why}; its layers run eagerly.")
+
+    def _make(
+        self, hidden: torch.Tensor, names: tuple[str, ...], tensors: list[torch.Tensor], constants: dict[str, Any]
+    ) -> None:
         self._spec = (names, constants)
         self.input_requires_grad = hidden.requires_grad
         calls = tuple(
