@@ -124,6 +124,8 @@ class LayerGraphs:
         self.held_bytes = 0
         self._spec: tuple[tuple[str, ...], dict[str, Any]] | None = None
         self._accumulators: list[Any] = []
+        self._shared: tuple[torch.Tensor, ...] = ()  # the recorded inputs every layer shares
+        self._loaded: torch.Tensor | None = None  # the armed bounds whose step the shared inputs hold
         for index, layer in enumerate(layers):
             eager = layer.forward
             layer.forward = self._dispatcher(index, layer, eager)  # an instance attribute: nn.Module calls it
@@ -174,8 +176,14 @@ class LayerGraphs:
                     self._record(hidden_states, kwargs)
                 tensors = self._tensors(kwargs) if self.graphed is not None else None
                 if tensors is not None and (index or hidden_states.requires_grad == self.input_requires_grad):
+                    if index and self._loaded is self.armed:
+                        # The first layer's replay copied this step's rotary embeddings and bounds into the inputs
+                        # every layer shares: passed as they are, they are not copied again.
+                        tensors = self._shared
                     self.replays += 1
-                    return self.graphed[index](hidden_states, *tensors)
+                    out = self.graphed[index](hidden_states, *tensors)
+                    self._loaded = self.armed if index == 0 else self._loaded
+                    return out
             return eager(hidden_states, *args, **kwargs)
 
         return forward
@@ -241,6 +249,7 @@ class LayerGraphs:
             _LayerCall(layer, layer.__dict__["_qlit_eager_forward"], names, constants) for layer in self.layers
         )
         shared = tuple(t.detach().clone() for t in tensors)  # read-only inputs: one static copy serves every layer
+        self._shared = shared
         samples = []
         for i in range(len(calls)):
             requires_grad = hidden.requires_grad if i == 0 else True

@@ -97,3 +97,96 @@ def test_graphs_asked_for_on_the_cpu_are_one_sentence_and_the_default_trains_wit
 
     cli = run_cli(tmp_path / "auto", *args)
     assert cli.trainer.global_step == 2 and cli.model.graphs is None
+
+
+def _replaying_recorder(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None):
+    """:func:`torch.cuda.make_graphed_callables` without CUDA: each callable runs eagerly at every call, but on the
+    fixed input tensors it was recorded with, into fixed output and gradient tensors that every call reuses and hands
+    out, as a graph's replays do. What it checks is qlit's side: which calls replay, on what, and what comes back."""
+    return tuple(
+        _replayed(func, args, tuple(func.parameters())) for func, args in zip(callables, sample_args, strict=True)
+    )
+
+
+def _replayed(func, static_inputs, params):
+    state: dict = {}
+    surface = (*static_inputs, *params)
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for static, given in zip(static_inputs, inputs, strict=False):
+                if static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            with torch.enable_grad():
+                state["out"] = func(*static_inputs)
+            state.setdefault("static_out", torch.empty_like(state["out"])).copy_(state["out"].detach())
+            return state["static_out"].detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            wanted = [t for t in surface if t.requires_grad]
+            grads = torch.autograd.grad(state.pop("out"), wanted, grad, allow_unused=True)
+            buffers = state.setdefault("grads", [torch.empty_like(t) for t in wanted])
+            for buffer, g in zip(buffers, grads, strict=True):
+                buffer.copy_(g if g is not None else torch.zeros_like(buffer))
+            handed = iter(buffers)
+            return tuple(next(handed).detach() if t.requires_grad else None for t in surface)
+
+    return lambda *user_args: Replay.apply(*user_args, *params)
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1])
+def test_layers_replayed_from_fixed_buffers_train_like_eager_ones(monkeypatch, checkpointed: int) -> None:
+    """Three SGD steps of the tiny Qwen2 with LoRA, on packed batches of different sizes, eager against its layers
+    going through :class:`LayerGraphs` (the recorder emulated on the CPU): the same losses and adapter gradients,
+    every graphed layer replayed at every step, and a batch larger than the recorded shape run eagerly. With the
+    first layer checkpointed the graphed one's input needs a gradient; without, the first graphed layer's does not."""
+    from peft import LoraConfig
+
+    from qlit.models import attention, graphs
+    from qlit.models.graphs import graphable_layers
+    from qlit.module import QLitModule
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _replaying_recorder)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
+    monkeypatch.setattr(graphs, "_pool_idle_bytes", lambda pool: 0)
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        module = QLitModule(
+            pretrained="qlit-tiny/qwen2",
+            dtype="float32",
+            attn_implementation=attention.VARLEN,  # the per-sample mask on the CPU, from the sample bounds
+            adapter=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+            gradient_checkpointing=checkpointed,  # recomputed layers are not graphed
+            **kwargs,
+        )
+        module.configure_model()
+        return module.train()
+
+    eager, replayed = build(cuda_graphs=False), build()
+    layers = graphable_layers(replayed.model)
+    assert layers == list(replayed.model.base_model.model.model.layers)[checkpointed:]
+    replayed.graphs = LayerGraphs(layers, tokens=40, samples=6, longest=16)
+    rows = _rows(eager.model.config.vocab_size)
+    batches = [PackingCollator()(rows), PackingCollator()(rows[:2]), PackingCollator()(rows + rows)]
+    for step, batch in enumerate(batches):  # 24 tokens, then 19, then 48 (more than the recorded 40: eager)
+        grads = []
+        for module in (eager, replayed):
+            loss = module(batch).loss
+            loss.backward()
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            grads.append([p.grad.clone() for p in trainable])
+            with torch.no_grad():
+                for p in trainable:
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            if module is eager:
+                expected = loss.detach()
+            else:
+                torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(*grads, strict=True):
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8, step
+    # The two batches within the recorded shape, each layer once; the third eagerly.
+    assert replayed.graphs.replays == 2 * len(layers)
