@@ -92,7 +92,8 @@ class QLitModule(pl.LightningModule):
             (:mod:`qlit.models.graphs`): one launch for its forward and one for its backward pass instead of
             hundreds, which is what bounds small models' steps. Packed steps are padded to the token budget (one
             ignored sample), since a graph replays fixed shapes. ``auto`` applies them on one CUDA device, without
-            gradient accumulation or ``compile``, where batches are packed for the variable-length kernel; ``true``
+            gradient accumulation or ``compile``, to an unquantized or 4-bit base (not 8-bit or BitNet), where
+            batches are packed for the variable-length kernel; ``true``
             insists (refused where they cannot apply); ``false`` runs every layer eagerly.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
@@ -505,6 +506,8 @@ class QLitModule(pl.LightningModule):
                 ("one device without a distributed strategy", isinstance(trainer.strategy, SingleDeviceStrategy)),
                 ("no gradient accumulation (trainer.accumulate_grad_batches: 1)", trainer.accumulate_grad_batches == 1),
                 ("model.compile: false", not self.compile_layers),
+                # LLM.int8()'s outlier split and BitNet's layers are not recorded as CUDA graphs here.
+                ("an unquantized or 4-bit base", self.quantization.mode in ("none", "nf4", "fp4")),
                 ("a decoder layer that is not checkpointed", bool(layers_)),
                 (
                     "packed batches through the variable-length kernel (data.packing)",

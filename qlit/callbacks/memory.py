@@ -107,11 +107,10 @@ class GPUMemoryMonitor(Callback):
             return {"cpu/peak_rss_gib": peak_rss_bytes() / GIB}
         # One snapshot of the allocator's counters (host-side bookkeeping: no sync) rather than four calls.
         stats = torch.cuda.memory_stats(self._device)
-        held = held_bytes
         return {
-            "gpu/allocated_gib": (stats.get("allocated_bytes.all.current", 0) + held) / GIB,
+            "gpu/allocated_gib": (stats.get("allocated_bytes.all.current", 0) + held_bytes) / GIB,
             "gpu/reserved_gib": stats.get("reserved_bytes.all.current", 0) / GIB,
-            "gpu/peak_allocated_gib": (stats.get("allocated_bytes.all.peak", 0) + held) / GIB,
+            "gpu/peak_allocated_gib": (stats.get("allocated_bytes.all.peak", 0) + held_bytes) / GIB,
             "gpu/peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GIB,
         }
 
