@@ -525,8 +525,8 @@ class QLitModule(pl.LightningModule):
         if isinstance(sampler, TokenBudgetBatchSampler):
             tokens = sampler.max_tokens
             longest = min(max(sampler.lengths, default=tokens), tokens)
-            # Room for twice the most samples a batch of this epoch holds (later epochs shuffle), and the padding.
-            samples = 2 * max((len(batch) for batch in sampler.plan()), default=1) + 1
+            # Room for twice the most samples a batch of this epoch holds (later epochs shuffle).
+            samples = 2 * max((len(batch) for batch in sampler.plan()), default=1)
         self.graphs = LayerGraphs(
             layers_, tokens=tokens, samples=samples, longest=longest, insist=self.cuda_graphs is True
         )

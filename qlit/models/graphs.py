@@ -7,10 +7,10 @@ inside it. PyTorch's :func:`torch.cuda.make_graphed_callables` does the recordin
 autograd node whose forward and backward passes are graphs, sharing one memory pool.
 
 A graph replays fixed shapes and fixed memory, so it applies where the step is packed (one row, sample bounds in
-``cu_seq_lens``) and every packed step has one shape: :meth:`LayerGraphs.arm` pads a packed batch to the token
-budget with one extra sample whose labels are ignored (it attends only to itself, so no real sample's loss or
-gradient changes), and pads the sample bounds with empty samples up to a fixed count. Padding costs the compute of
-the missing tokens: under a token budget batches are full but for their last row.
+``cu_seq_lens``) and every packed step has one shape: :meth:`LayerGraphs.arm` pads a packed batch to a fixed token
+count (the token budget, and a token per sample slot) in a fixed number of samples, the padding as extra samples
+whose labels are ignored (each attends only to itself, so no real sample's loss or gradient changes). Padding costs
+the compute of the missing tokens: under a token budget batches are full but for their last row.
 
 Only layers that are not checkpointed are graphed (a graph keeps its activations; recomputation is the opposite
 trade), only in training with gradients, and only on one device without gradient accumulation: a graph's
@@ -97,8 +97,8 @@ class LayerGraphs:
 
     Args:
         layers: the decoder layers to graph, in the order the model calls them (consecutive).
-        tokens: the static token count of a step (the token budget), or ``None`` for the first armed batch's.
-        samples: the most samples a step may hold, or ``None`` for the first armed batch's (doubled).
+        tokens: the most tokens a step may hold (the token budget), or ``None`` for the first armed batch's.
+        samples: the most samples a step may hold, or ``None`` for the first armed batch's, doubled.
         longest: the longest sample a step may hold, or ``None`` for ``tokens``.
         insist: a model whose layers cannot be recorded is an error (``cuda_graphs: true``); otherwise its layers
             run eagerly, said once.
@@ -134,7 +134,12 @@ class LayerGraphs:
     # ----- the step -------------------------------------------------------------------------------------------------
     def arm(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``batch`` (packed: ``input_ids``, ``labels``, ``position_ids``, ``cu_seq_lens``, ``max_length``) padded to
-        the graphs' static shape, with the graphs armed for it; unchanged and disarmed where it does not fit."""
+        the graphs' static shape, with the graphs armed for it; unchanged and disarmed where it does not fit.
+
+        The static shape: :attr:`static_tokens` tokens in :attr:`static_samples` samples. After the real samples come
+        padding samples, as many as make up the count, each of at least one token (variable-length attention kernels
+        have had bugs with empty samples) and at most ``longest`` (the longest sample the kernel is told of), their
+        labels ignored."""
         self.armed = None
         if self.failed is not None:
             return batch
@@ -145,22 +150,38 @@ class LayerGraphs:
         if self.samples is None:
             self.samples = 2 * n_samples
         if self.longest is None:
-            self.longest = self.tokens
-        if n_tokens > self.tokens or longest > self.longest or n_samples + (n_tokens < self.tokens) > self.samples:
+            self.longest = max(self.tokens, 2)
+        if n_tokens > self.tokens or longest > self.longest or n_samples > self.samples:
             return batch  # does not fit the recorded shape: this step runs eagerly
-        pad = self.tokens - n_tokens
+        pad, slots = self.static_tokens - n_tokens, self.static_samples - n_samples
+        base, extra = divmod(pad, slots)  # slots of base + 1 tokens for the first `extra`, base for the rest
         device = ids.device
         padded = dict(batch)
-        if pad:
-            padded["input_ids"] = torch.cat([ids, ids.new_zeros(1, pad)], dim=1)
-            padded["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, pad), IGNORE_INDEX)], dim=1)
-            padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad, device=device)[None]], dim=1)
-        # Bounds: the real samples, the padding sample (if any), then empty samples up to the static count.
-        fill = bounds.new_full((self.samples + 1 - bounds.shape[0],), self.tokens)
-        padded["cu_seq_lens"] = torch.cat([bounds.to(torch.int32), fill.to(torch.int32)])
+        padded["input_ids"] = torch.cat([ids, ids.new_zeros(1, pad)], dim=1)
+        padded["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, pad), IGNORE_INDEX)], dim=1)
+        padded["position_ids"] = torch.cat([batch["position_ids"], batch["position_ids"].new_zeros(1, pad)], dim=1)
+        # Where each padding sample ends, computed on the device from host numbers (no copy that would wait).
+        j = torch.arange(1, slots + 1, device=device, dtype=torch.int32)
+        ends = n_tokens + base * j + torch.clamp(j, max=extra)
+        padded["cu_seq_lens"] = torch.cat([bounds.to(torch.int32), ends])
         padded["max_length"] = self.longest
         self.armed = padded["cu_seq_lens"]
         return padded
+
+    @property
+    def padding_samples(self) -> int:
+        """Padding samples beyond the real ones' room: enough that any step's padding fits in samples of at most
+        ``longest`` tokens."""
+        return -(-(self.tokens + self.samples) // (self.longest - 1))
+
+    @property
+    def static_samples(self) -> int:
+        return self.samples + self.padding_samples
+
+    @property
+    def static_tokens(self) -> int:
+        # The budget, and room for one token in each sample slot, so that no padding sample is ever empty.
+        return self.tokens + self.static_samples
 
     # ----- the layers -----------------------------------------------------------------------------------------------
     def _dispatcher(self, index: int, layer: torch.nn.Module, eager: Any) -> Any:

@@ -36,11 +36,15 @@ def test_a_packed_batch_padded_to_the_graphs_shape_has_the_same_loss_and_gradien
     )
     module.configure_model()
     batch = PackingCollator()(_rows(module.model.config.vocab_size))  # 24 tokens, 3 samples, the longest 12
-    graphs = LayerGraphs([], tokens=40, samples=6, longest=16)
+    graphs = LayerGraphs([], tokens=30, samples=4, longest=16)
+    # Room for 4 real samples and 3 padding samples of at most 16 tokens (30 + 4 tokens over 15 per sample), and a
+    # token for each of the 7 sample slots: 37 tokens.
+    assert (graphs.static_samples, graphs.static_tokens) == (7, 37)
     padded = graphs.arm(batch)
-    assert padded["input_ids"].shape == padded["labels"].shape == padded["position_ids"].shape == (1, 40)
-    # The three samples, one padding sample of 16 tokens, then two empty ones: a fixed count of bounds.
-    assert padded["cu_seq_lens"].tolist() == [0, 7, 19, 24, 40, 40, 40]
+    assert padded["input_ids"].shape == padded["labels"].shape == padded["position_ids"].shape == (1, 37)
+    # The three samples, then 13 tokens of padding in 4 samples, none empty and none longer than 16.
+    assert padded["cu_seq_lens"].tolist() == [0, 7, 19, 24, 28, 31, 34, 37]
+    assert padded["cu_seq_lens"].dtype == torch.int32
     assert padded["labels"][0, 24:].eq(IGNORE_INDEX).all() and padded["max_length"] == 16
     assert graphs.armed is padded["cu_seq_lens"]
 
@@ -57,12 +61,15 @@ def test_a_packed_batch_padded_to_the_graphs_shape_has_the_same_loss_and_gradien
 
 def test_a_batch_that_does_not_fit_the_graphs_shape_runs_as_it_is() -> None:
     batch = PackingCollator()(_rows(100))  # 24 tokens, 3 samples, the longest 12
-    for tokens, samples, longest in ((20, 8, 16), (40, 3, 16), (40, 8, 10)):
+    for tokens, samples, longest in ((20, 8, 16), (40, 2, 16), (40, 8, 10)):
         graphs = LayerGraphs([], tokens=tokens, samples=samples, longest=longest)
         assert graphs.arm(batch) is batch and graphs.armed is None, (tokens, samples, longest)
-    # Exactly full: no padding sample, only empty ones.
-    graphs = LayerGraphs([], tokens=24, samples=4, longest=12)
-    assert graphs.arm(batch)["cu_seq_lens"].tolist() == [0, 7, 19, 24, 24]
+    # The budget exactly full, and the longest sample as long as allowed: padding only in the samples' slots, each
+    # of them between one token and the longest.
+    graphs = LayerGraphs([], tokens=24, samples=3, longest=12)
+    bounds = graphs.arm(batch)["cu_seq_lens"]
+    sizes = (bounds[1:] - bounds[:-1]).tolist()
+    assert sizes == [7, 12, 5, 2, 2, 2] and bounds[-1] == graphs.static_tokens == 30
 
 
 @pytest.mark.parametrize(
