@@ -88,7 +88,7 @@ def test_an_explicit_request_for_graphs_that_cannot_apply_is_refused_when_read(k
         QLitModule(**{"cuda_graphs": True, **kwargs})
 
 
-def test_graphs_asked_for_on_the_cpu_are_one_sentence_and_the_default_trains_without_them(tmp_path, capsys) -> None:
+def test_graphs_asked_for_on_the_cpu_are_one_sentence_and_auto_trains_without_them(tmp_path, capsys) -> None:
     from helpers import run_cli, run_main
 
     from qlit.cli import main  # noqa: F401 (the command the user runs)
@@ -102,8 +102,8 @@ def test_graphs_asked_for_on_the_cpu_are_one_sentence_and_the_default_trains_wit
     assert "model.cuda_graphs: true needs a CUDA device" in err[0], err
     assert not list((tmp_path / "logs").rglob("config.yaml"))  # the refused run left no run directory behind
 
-    cli = run_cli(tmp_path / "auto", *args)
-    assert cli.trainer.global_step == 2 and cli.model.graphs is None
+    cli = run_cli(tmp_path / "auto", *args, "--model.init_args.cuda_graphs", "auto")
+    assert cli.trainer.global_step == 2 and cli.model.graphs is None  # auto: quietly off without CUDA
 
 
 def _replaying_recorder(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None):

@@ -42,16 +42,19 @@ def test_the_ablation_adds_one_change_per_row_and_ends_at_qlit_defaults() -> Non
     bench = _bench()
     defaults = {k: p.default for k, p in inspect.signature(bench.run).parameters.items() if p.default is not p.empty}
     labels = [label for label, _ in bench.ABLATION]
-    assert "defaults" in labels[-2] and "compile" in labels[-1]
+    at_defaults = next(i for i, label in enumerate(labels) if "defaults" in label)
+    assert "cuda_graphs: auto" in labels[at_defaults + 1] and "compile" in labels[-1]
     spec: dict = {}
     for i, (_, change) in enumerate(bench.ABLATION):
         assert set(change) <= set(defaults), change  # every key is one bench.run takes
         if i:
             assert all(spec.get(k) != v for k, v in change.items()), change  # each row changes what it names
         spec.update(change)
-        if i == len(bench.ABLATION) - 2:  # the defaults row: every knob the ablation touched is at its default
+        if i == at_defaults:  # every knob the ablation touched so far is at its default
             assert {k: defaults[k] for k in spec} == spec
-    assert spec["compile"] is True and defaults["compile"] is False
+    # Then the opt-in rows: CUDA graphs, and compile instead of them.
+    assert defaults["cuda_graphs"] is False and defaults["compile"] is False
+    assert spec["compile"] is True and spec["cuda_graphs"] is False
     first = bench.ABLATION[0][1]
     assert all(first[k] != defaults[k] for k in first)  # the first row turns every optimisation off
 
