@@ -26,6 +26,30 @@ def test_cpu_fallback_logs_peak_rss_every_n_steps_and_says_so_once(caplog: pytes
     assert not any(name.startswith("gpu/") for _, m in logger.records for name in m)
 
 
+def test_memory_held_by_cuda_graphs_counts_as_allocated(monkeypatch):
+    """The activations CUDA graphs keep between replays are free blocks of their pool to the allocator's counters:
+    the monitor adds what the module says its graphs hold to both allocated figures, and nothing to reserved."""
+    gib = 2**30
+    stats = {
+        "allocated_bytes.all.current": 2 * gib,
+        "allocated_bytes.all.peak": 3 * gib,
+        "reserved_bytes.all.current": 6 * gib,
+        "reserved_bytes.all.peak": 7 * gib,
+    }
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: stats)
+    monitor = GPUMemoryMonitor()
+    monitor._device = torch.device("cuda", 0)
+    assert monitor.read() == {
+        "gpu/allocated_gib": 2.0,
+        "gpu/reserved_gib": 6.0,
+        "gpu/peak_allocated_gib": 3.0,
+        "gpu/peak_reserved_gib": 7.0,
+    }
+    held = monitor.read(held_bytes=gib // 2)
+    assert (held["gpu/allocated_gib"], held["gpu/peak_allocated_gib"]) == (2.5, 3.5)
+    assert (held["gpu/reserved_gib"], held["gpu/peak_reserved_gib"]) == (6.0, 7.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nf4_run_peak_matches_cuda_counter(tmp_path):

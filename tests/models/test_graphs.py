@@ -143,57 +143,108 @@ def _replayed(func, static_inputs, params):
     return lambda *user_args: Replay.apply(*user_args, *params)
 
 
+@pytest.fixture
+def emulated(monkeypatch):
+    """The CUDA-only pieces of recording replaced: :func:`_replaying_recorder` for the recording, no pool."""
+    from qlit.models import graphs
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _replaying_recorder)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(graphs, "_pool_idle_bytes", lambda pool: 0)
+    return monkeypatch
+
+
+def _tiny(checkpointed: int = 0, attn: str | None = None):
+    """The tiny Qwen2 with LoRA in fp32, packed rows through the per-sample mask the variable-length path builds on
+    the CPU from the sample bounds (or ``attn``), in training mode; the same weights every call."""
+    from peft import LoraConfig
+
+    from qlit.models import attention
+    from qlit.module import QLitModule
+
+    torch.manual_seed(0)
+    module = QLitModule(
+        pretrained="qlit-tiny/qwen2",
+        dtype="float32",
+        attn_implementation=attn or attention.VARLEN,
+        adapter=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        gradient_checkpointing=checkpointed,  # recomputed layers are not graphed
+    )
+    module.configure_model()
+    return module.train()
+
+
+def _step(module, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One SGD step: the loss and the adapter gradients it took."""
+    loss = module(batch).loss
+    loss.backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in trainable]
+    with torch.no_grad():
+        for p in trainable:
+            p -= 0.1 * p.grad
+            p.grad = None
+    return loss.detach(), grads
+
+
+def _same_training(eager, other, batches) -> None:
+    for step, batch in enumerate(batches):
+        (loss_e, grads_e), (loss_o, grads_o) = _step(eager, batch), _step(other, batch)
+        torch.testing.assert_close(loss_o, loss_e, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads_o, grads_e, strict=True):
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8, step
+
+
 @pytest.mark.parametrize("checkpointed", [0, 1])
-def test_layers_replayed_from_fixed_buffers_train_like_eager_ones(monkeypatch, checkpointed: int) -> None:
+def test_layers_replayed_from_fixed_buffers_train_like_eager_ones(emulated, checkpointed: int) -> None:
     """Three SGD steps of the tiny Qwen2 with LoRA, on packed batches of different sizes, eager against its layers
     going through :class:`LayerGraphs` (the recorder emulated on the CPU): the same losses and adapter gradients,
     every graphed layer replayed at every step, and a batch larger than the recorded shape run eagerly. With the
     first layer checkpointed the graphed one's input needs a gradient; without, the first graphed layer's does not."""
-    from peft import LoraConfig
-
-    from qlit.models import attention, graphs
     from qlit.models.graphs import graphable_layers
-    from qlit.module import QLitModule
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _replaying_recorder)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
-    monkeypatch.setattr(graphs, "_pool_idle_bytes", lambda pool: 0)
-
-    def build(**kwargs):
-        torch.manual_seed(0)
-        module = QLitModule(
-            pretrained="qlit-tiny/qwen2",
-            dtype="float32",
-            attn_implementation=attention.VARLEN,  # the per-sample mask on the CPU, from the sample bounds
-            adapter=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
-            gradient_checkpointing=checkpointed,  # recomputed layers are not graphed
-            **kwargs,
-        )
-        module.configure_model()
-        return module.train()
-
-    eager, replayed = build(cuda_graphs=False), build()
+    eager, replayed = _tiny(checkpointed), _tiny(checkpointed)
     layers = graphable_layers(replayed.model)
     assert layers == list(replayed.model.base_model.model.model.layers)[checkpointed:]
     replayed.graphs = LayerGraphs(layers, tokens=40, samples=6, longest=16)
     rows = _rows(eager.model.config.vocab_size)
-    batches = [PackingCollator()(rows), PackingCollator()(rows[:2]), PackingCollator()(rows + rows)]
-    for step, batch in enumerate(batches):  # 24 tokens, then 19, then 48 (more than the recorded 40: eager)
-        grads = []
-        for module in (eager, replayed):
-            loss = module(batch).loss
-            loss.backward()
-            trainable = [p for p in module.parameters() if p.requires_grad]
-            grads.append([p.grad.clone() for p in trainable])
-            with torch.no_grad():
-                for p in trainable:
-                    p -= 0.1 * p.grad
-                    p.grad = None
-            if module is eager:
-                expected = loss.detach()
-            else:
-                torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-        for a, b in zip(*grads, strict=True):
-            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8, step
+    # 24 tokens, then 19, then 48 (more than the recorded 40: eager)
+    _same_training(eager, replayed, [PackingCollator()(rows), PackingCollator()(rows[:2]), PackingCollator()(rows * 2)])
     # The two batches within the recorded shape, each layer once; the third eagerly.
     assert replayed.graphs.replays == 2 * len(layers)
+
+
+def test_layers_that_cannot_be_recorded_run_eagerly_or_are_refused_when_insisted_on(emulated, caplog) -> None:
+    """A model whose layers take a mask (SDPA builds one for a packed row) or whose recording fails (an operation a
+    graph cannot hold) trains eagerly, said once; with ``cuda_graphs: true`` it is one sentence instead."""
+    import logging
+
+    from qlit.models.graphs import graphable_layers
+
+    rows = _rows(100)
+    batches = [PackingCollator()(rows), PackingCollator()(rows[:2])]
+    masked = _tiny(attn="sdpa")
+    masked.graphs = LayerGraphs(graphable_layers(masked.model), tokens=40, samples=6, longest=16)
+    with caplog.at_level(logging.INFO):
+        _same_training(_tiny(attn="sdpa"), masked, batches)
+    assert masked.graphs.replays == 0 and "a mask or a cache" in masked.graphs.failed
+    said = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert len(said) == 1, said
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    emulated.setattr(torch.cuda, "make_graphed_callables", failing)
+    broken = _tiny()
+    broken.graphs = LayerGraphs(graphable_layers(broken.model), tokens=40, samples=6, longest=16)
+    _same_training(_tiny(), broken, batches)
+    assert broken.graphs.replays == 0 and broken.graphs.graphed is None
+    assert (
+        broken.graphs.failed == "recording its decoder layers failed (operation not permitted when stream is capturing)"
+    )
+
+    insisted = _tiny()
+    insisted.graphs = LayerGraphs(graphable_layers(insisted.model), tokens=40, samples=6, longest=16, insist=True)
+    with pytest.raises(QlitError, match=r"^model.cuda_graphs: true cannot graph this model: recording its decoder"):
+        insisted(batches[0])
