@@ -499,7 +499,7 @@ class QLitModule(pl.LightningModule):
         trainer = self.trainer
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
-        layers_ = graphable_layers(self.model)
+        kept = graphable_layers(self.model)
         reasons = [
             reason
             for reason, holds in (
@@ -509,7 +509,7 @@ class QLitModule(pl.LightningModule):
                 ("model.compile: false", not self.compile_layers),
                 # LLM.int8()'s outlier split and BitNet's layers are not recorded as CUDA graphs here.
                 ("an unquantized or 4-bit base", self.quantization.mode in ("none", "nf4", "fp4")),
-                ("a decoder layer that is not checkpointed", bool(layers_)),
+                ("a decoder layer that is not checkpointed", bool(kept)),
                 (
                     "packed batches through the variable-length kernel (data.packing)",
                     isinstance(getattr(loader, "collate_fn", None), PackingCollator)
@@ -529,7 +529,7 @@ class QLitModule(pl.LightningModule):
             # Room for twice the most samples a batch of this epoch holds (later epochs shuffle).
             samples = 2 * max((len(batch) for batch in sampler.plan()), default=1)
         self.graphs = LayerGraphs(
-            layers_, tokens=tokens, samples=samples, longest=longest, insist=self.cuda_graphs is True
+            kept, tokens=tokens, samples=samples, longest=longest, insist=self.cuda_graphs is True
         )
 
     def _replan_schedule(self) -> None:

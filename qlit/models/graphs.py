@@ -114,7 +114,9 @@ class LayerGraphs:
     ) -> None:
         self.layers = layers
         self.insist = insist
-        self.tokens, self.samples, self.longest = tokens, samples, longest
+        # A padding sample holds at least one token, so the longest the kernel is told of is at least two.
+        self.tokens, self.samples = tokens, samples
+        self.longest = max(longest, 2) if longest is not None else None
         self.graphed: list[Any] | None = None
         self.armed: torch.Tensor | None = None  # the padded sample bounds of the step being run
         self.failed: str | None = None
