@@ -120,7 +120,7 @@ class LayerGraphs:
         self.graphed: list[Any] | None = None
         self.armed: torch.Tensor | None = None  # the padded sample bounds of the step being run
         self.failed: str | None = None
-        self.input_requires_grad: bool | None = None
+        self.input_requires_grad: list[bool] = []  # per layer, as recorded
         self.replays = 0
         #: Bytes the graphs' memory pool holds beyond the allocator's allocated count, once recorded.
         self.held_bytes = 0
@@ -198,7 +198,7 @@ class LayerGraphs:
                 if self.graphed is None and index == 0 and self.failed is None:
                     self._record(hidden_states, kwargs)
                 tensors = self._tensors(kwargs) if self.graphed is not None else None
-                if tensors is not None and (index or hidden_states.requires_grad == self.input_requires_grad):
+                if tensors is not None and hidden_states.requires_grad == self.input_requires_grad[index]:
                     if index and self._loaded is self.armed:
                         # The first layer's replay copied this step's rotary embeddings and bounds into the inputs
                         # every layer shares: passed as they are, they are not copied again.
@@ -267,16 +267,18 @@ class LayerGraphs:
         self, hidden: torch.Tensor, names: tuple[str, ...], tensors: list[torch.Tensor], constants: dict[str, Any]
     ) -> None:
         self._spec = (names, constants)
-        self.input_requires_grad = hidden.requires_grad
         calls = tuple(
             _LayerCall(layer, layer.__dict__["_qlit_eager_forward"], names, constants) for layer in self.layers
         )
         shared = tuple(t.detach().clone() for t in tensors)  # read-only inputs: one static copy serves every layer
         self._shared = shared
-        samples = []
-        for i in range(len(calls)):
-            requires_grad = hidden.requires_grad if i == 0 else True
-            samples.append((hidden.detach().clone().requires_grad_(requires_grad), *shared))
+        # A layer's input needs a gradient where the first one's does or an earlier layer trains (a graph's inputs
+        # must need gradients as the real ones will).
+        samples, needs = [], hidden.requires_grad
+        for layer in self.layers:
+            self.input_requires_grad.append(needs)
+            samples.append((hidden.detach().clone().requires_grad_(needs), *shared))
+            needs = needs or any(p.requires_grad for p in layer.parameters())
         # Each trainable parameter's gradient accumulator, made here on the training stream and kept: the recording
         # (on its own stream) then reuses it, instead of making one whose stream every later backward pass would
         # have to synchronise with.
