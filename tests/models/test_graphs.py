@@ -91,8 +91,6 @@ def test_an_explicit_request_for_graphs_that_cannot_apply_is_refused_when_read(k
 def test_graphs_asked_for_on_the_cpu_are_one_sentence_and_auto_trains_without_them(tmp_path, capsys) -> None:
     from helpers import run_cli, run_main
 
-    from qlit.cli import main  # noqa: F401 (the command the user runs)
-
     args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps", "2"]
     args += ["--trainer.limit_val_batches", "0", "--data.init_args.packing", "true"]
     logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path)]
