@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qlit.batch import IGNORE_INDEX
 from qlit.cli import main
 from qlit.trainer_cli import QlitCLI
 
@@ -59,3 +61,13 @@ def write_study(tmp_path: Path, study: dict, name: str = "study.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"), **study}, sort_keys=False))
     return path
+
+
+def packable_rows(vocab: int) -> list[dict]:
+    """Three rows of 7, 12 and 5 tokens (prompts of 3, 5 and 2 not learned), seeded: what packing tests pack."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, prompt in ((7, 3), (12, 5), (5, 2)):
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "prompt_length": prompt})
+    return rows

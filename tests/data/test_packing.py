@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import packable_rows
 
 from qlit.batch import IGNORE_INDEX
 from qlit.data.batching import Collator, PackingCollator, TokenBudgetBatchSampler
-
-
-def _rows(vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n, prompt in ((7, 3), (12, 5), (5, 2)):
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "prompt_length": prompt})
-    return rows
 
 
 @pytest.fixture
@@ -52,7 +44,7 @@ def _alone(module, row):
 
 
 def test_packed_batch_layout() -> None:
-    rows = _rows(100)
+    rows = packable_rows(100)
     batch = PackingCollator()(rows)
     assert batch["input_ids"].shape == (1, 24)
     assert batch["cu_seq_lens"].tolist() == [0, 7, 19, 24] and batch["cu_seq_lens"].dtype == torch.int32
@@ -66,7 +58,7 @@ def test_packed_batch_layout() -> None:
 
 
 def test_packed_loss_and_gradients_equal_each_sample_alone(lora_model) -> None:
-    rows = _rows(lora_model.model.config.vocab_size)
+    rows = packable_rows(lora_model.model.config.vocab_size)
     packed = PackingCollator()(rows)
     packed["labels"][0, 3] = IGNORE_INDEX  # a learned token of sample 0 left out, to show labels travel as given
     rows[0]["labels"][3] = IGNORE_INDEX
@@ -92,7 +84,7 @@ def test_packed_loss_and_gradients_equal_each_sample_alone(lora_model) -> None:
 
 @torch.no_grad()
 def test_attention_does_not_cross_samples(lora_model) -> None:
-    rows = _rows(lora_model.model.config.vocab_size)
+    rows = packable_rows(lora_model.model.config.vocab_size)
     before = _packed_forward(lora_model, PackingCollator()(rows))
     changed = [
         dict(rows[0], input_ids=[(t + 1) % lora_model.model.config.vocab_size for t in rows[0]["input_ids"]]),

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, packable_rows
 
 from qlit.batch import IGNORE_INDEX
 from qlit.data.batching import PackingCollator
 from qlit.errors import QlitError
 from qlit.models.graphs import LayerGraphs
-
-
-def _rows(vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n, prompt in ((7, 3), (12, 5), (5, 2)):
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "prompt_length": prompt})
-    return rows
 
 
 def test_a_packed_batch_padded_to_the_graphs_shape_has_the_same_loss_and_gradients() -> None:
@@ -35,7 +26,7 @@ def test_a_packed_batch_padded_to_the_graphs_shape_has_the_same_loss_and_gradien
         cuda_graphs=False,
     )
     module.configure_model()
-    batch = PackingCollator()(_rows(module.model.config.vocab_size))  # 24 tokens, 3 samples, the longest 12
+    batch = PackingCollator()(packable_rows(module.model.config.vocab_size))  # 24 tokens, 3 samples, the longest 12
     graphs = LayerGraphs([], tokens=30, samples=4, longest=16)
     # Room for 4 real samples and 3 padding samples of at most 16 tokens (30 + 4 tokens over 15 per sample), and a
     # token for each of the 7 sample slots: 37 tokens.
@@ -60,7 +51,7 @@ def test_a_packed_batch_padded_to_the_graphs_shape_has_the_same_loss_and_gradien
 
 
 def test_a_batch_that_does_not_fit_the_graphs_shape_runs_as_it_is() -> None:
-    batch = PackingCollator()(_rows(100))  # 24 tokens, 3 samples, the longest 12
+    batch = PackingCollator()(packable_rows(100))  # 24 tokens, 3 samples, the longest 12
     for tokens, samples, longest in ((20, 8, 16), (40, 2, 16), (40, 8, 10)):
         graphs = LayerGraphs([], tokens=tokens, samples=samples, longest=longest)
         assert graphs.arm(batch) is batch and graphs.armed is None, (tokens, samples, longest)
@@ -206,7 +197,7 @@ def test_layers_replayed_from_fixed_buffers_train_like_eager_ones(emulated, chec
     layers = graphable_layers(replayed.model)
     assert layers == list(replayed.model.base_model.model.model.layers)[checkpointed:]
     replayed.graphs = LayerGraphs(layers, tokens=40, samples=6, longest=16)
-    rows = _rows(eager.model.config.vocab_size)
+    rows = packable_rows(eager.model.config.vocab_size)
     # 24 tokens, then 19, then 48 (more than the recorded 40: eager)
     _same_training(eager, replayed, [PackingCollator()(rows), PackingCollator()(rows[:2]), PackingCollator()(rows * 2)])
     # The two batches within the recorded shape, each layer once; the third eagerly.
@@ -220,7 +211,7 @@ def test_layers_that_cannot_be_recorded_run_eagerly_or_are_refused_when_insisted
 
     from qlit.models.graphs import graphable_layers
 
-    rows = _rows(100)
+    rows = packable_rows(100)
     batches = [PackingCollator()(rows), PackingCollator()(rows[:2])]
     masked = _tiny(attn="sdpa")
     masked.graphs = LayerGraphs(graphable_layers(masked.model), tokens=40, samples=6, longest=16)
