@@ -24,6 +24,7 @@ replays), and qlit's memory figures add it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -125,7 +126,6 @@ class LayerGraphs:
         #: Bytes the graphs' memory pool holds beyond the allocator's allocated count, once recorded.
         self.held_bytes = 0
         self._spec: tuple[tuple[str, ...], dict[str, Any]] | None = None
-        self._accumulators: list[Any] = []
         self._shared: tuple[torch.Tensor, ...] = ()  # the recorded inputs every layer shares
         self._loaded: torch.Tensor | None = None  # the armed bounds whose step the shared inputs hold
         for index, layer in enumerate(layers):
@@ -279,15 +279,6 @@ class LayerGraphs:
             self.input_requires_grad.append(needs)
             samples.append((hidden.detach().clone().requires_grad_(needs), *shared))
             needs = needs or any(p.requires_grad for p in layer.parameters())
-        # Each trainable parameter's gradient accumulator, made here on the training stream and kept: the recording
-        # (on its own stream) then reuses it, instead of making one whose stream every later backward pass would
-        # have to synchronise with.
-        self._accumulators = [
-            p.view_as(p).grad_fn.next_functions[0][0]
-            for layer in self.layers
-            for p in layer.parameters()
-            if p.requires_grad
-        ]
         dtype = torch.get_autocast_dtype("cuda")
         pool = torch.cuda.graph_pool_handle()
         # make_graphed_callables records under autocast only without its cast cache (a cached cast made while
@@ -298,6 +289,14 @@ class LayerGraphs:
             )
         self.graphed = list(graphed)
         self.held_bytes = _pool_idle_bytes(pool)
+        # The recording made the trainable parameters' gradient accumulators on its own stream, and the recorded
+        # autograd graph keeps them: each backward pass then tells that their stream differs from the training
+        # stream's (and orders the two with an event, which is correct). Accumulators made beforehand on the
+        # training stream would be worse: that is the legacy default stream, and a recorded backward pass that
+        # reaches one fails ("operation would make the legacy stream depend on a capturing blocking stream").
+        warnings.filterwarnings(
+            "ignore", message="The AccumulateGrad node's stream does not match", category=UserWarning
+        )
 
 
 def _pool_idle_bytes(pool: Any) -> int:
