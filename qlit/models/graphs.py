@@ -42,6 +42,11 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+def recordable(device: torch.device) -> bool:
+    """Whether CUDA graphs can be recorded on ``device``."""
+    return device.type == "cuda"
+
+
 def check_graphs(choice: GraphsChoice, compile_layers: bool, checkpointing: Any, attn_implementation: Any) -> None:
     """Refuse, when the config is read, ``cuda_graphs: true`` with settings it cannot apply under (what depends on
     the device, the data and the trainer is checked when training starts)."""

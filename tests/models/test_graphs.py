@@ -237,3 +237,34 @@ def test_layers_that_cannot_be_recorded_run_eagerly_or_are_refused_when_insisted
     insisted.graphs = LayerGraphs(graphable_layers(insisted.model), tokens=40, samples=6, longest=16, insist=True)
     with pytest.raises(QlitError, match=r"^model.cuda_graphs: true cannot graph this model: recording its decoder"):
         insisted(batches[0])
+
+
+def test_every_step_of_a_real_run_replays_every_layer_and_trains_like_eager(emulated, tmp_path) -> None:
+    """The whole path as ``qlit fit`` runs it (the recorder emulated, the device check passed on the CPU): the demo's
+    4-bit QLoRA on packed SST-2 batches for 12 steps, over two epochs (the second reshuffled). The static shape
+    planned from the token budget and the first epoch's batches holds every step, so each layer replays at each
+    step, and the losses are eager training's."""
+    from helpers import run_cli, scalars
+
+    from qlit import module as qlit_module
+
+    emulated.setattr(qlit_module, "recordable", lambda device: True)
+    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps", "12"]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1", "--data.init_args.packing", "true"]
+    args += [
+        "--model.init_args.attn_implementation",
+        "qlit_varlen",
+        "--model.init_args.gradient_checkpointing",
+        "false",
+    ]
+    curves = {}
+    for choice in ("false", "true"):
+        cli = run_cli(tmp_path / choice, *args, "--model.init_args.cuda_graphs", choice)
+        curves[choice] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
+        assert cli.trainer.current_epoch >= 1  # the run reached a reshuffled epoch
+    graphs = cli.model.graphs
+    assert graphs is not None and graphs.failed is None
+    assert len(graphs.layers) == cli.model.model.config.num_hidden_layers
+    assert graphs.replays == 12 * len(graphs.layers), graphs.replays
+    assert len(curves["true"]) == 12
+    torch.testing.assert_close(curves["true"], curves["false"], rtol=1e-4, atol=1e-5)
