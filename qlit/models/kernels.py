@@ -53,5 +53,50 @@ def apply_kernels(model: Any, choice: str, device: torch.device, layer_kernels: 
             raise QlitError(f"liger-kernel has no kernels for model type '{model_type}': set kernels: auto or none.")
         return "none"
     in_layers = {} if layer_kernels else dict(rms_norm=False, rope=False, swiglu=False, geglu=False)
-    _apply_liger_kernel_to_instance(model=model, **in_layers)
+    _to_instance_only(model, lambda: _apply_liger_kernel_to_instance(model=model, **in_layers))
     return "liger"
+
+
+def _to_instance_only(model: Any, patch: Any) -> None:
+    """Run ``patch`` (Liger's instance patching) so that it changes ``model`` alone.
+
+    Liger patches an instance's modules, but also the modeling module's globals (its norm and MLP classes, its rotary
+    function) and at times ``torch.nn``'s: every model built later in the process would get Liger's modules, on a
+    device it may not run on and under ``kernels: none`` too. What ``patch`` changed there is put back; a function
+    the instance calls at run time (the rotary embedding) is swapped in around the forward passes of this model's
+    modules.
+    """
+    import sys
+
+    watched = {sys.modules[type(m).__module__] for m in model.modules()} | {torch.nn, torch.nn.functional}
+    before = {module: dict(vars(module)) for module in watched}
+    patch()
+    swaps = []
+    for module, saved in before.items():
+        for name, value in list(vars(module).items()):
+            if name in saved and saved[name] is not value and callable(saved[name]) and callable(value):
+                setattr(module, name, saved[name])
+                if not isinstance(value, type):  # a class only matters when a module is built: this one's are
+                    swaps.append((module, name, value))
+    if not swaps:
+        return
+    # The swapped functions are called from the classes of the modules they were swapped in: around the forward of
+    # each such submodule (a checkpointed layer's recomputation in the backward pass calls them again), and the
+    # model's.
+    where = {module.__name__ for module, _, _ in swaps}
+    for target in [m for m in model.modules() if m is model or type(m).__module__ in where]:
+        target.forward = _with_globals(target.forward, swaps)
+
+
+def _with_globals(forward: Any, swaps: list[tuple[Any, str, Any]]) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        kept = [getattr(module, name) for module, name, _ in swaps]
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for (module, name, _), value in zip(swaps, kept, strict=True):
+                setattr(module, name, value)
+
+    return call

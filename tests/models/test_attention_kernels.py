@@ -120,7 +120,8 @@ def test_compiled_layers_get_liger_fused_loss_only(monkeypatch) -> None:
     fake._apply_liger_kernel_to_instance = lambda model, **kwargs: calls.append(kwargs)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2"))
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(model_type="qwen2")
     cuda = torch.device("cuda")
     assert kernels.apply_kernels(model, "auto", cuda) == "liger"
     assert kernels.apply_kernels(model, "auto", cuda, layer_kernels=False) == "liger"
@@ -134,3 +135,64 @@ def test_compiled_layers_get_liger_fused_loss_only(monkeypatch) -> None:
     for compiled in (False, True):
         _module(compile=compiled).configure_model()
     assert asked == [True, False]
+
+
+def test_liger_changes_the_model_it_is_applied_to_and_no_model_built_later(monkeypatch) -> None:
+    """Liger's instance patching also replaces the modeling module's classes and rotary function, for every model
+    the process builds later. qlit keeps it to the instance: a model built afterwards gets transformers' modules,
+    and the patched one still calls Liger's rotary function, in its forward pass and in a checkpointed layer's
+    recomputation. (A stand-in for Liger that patches as Liger 0.8 does, since Liger needs CUDA.)"""
+    import sys
+    import types
+
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from qlit.models.loading import load_causal_lm
+
+    original_rope, original_norm = modeling_qwen2.apply_rotary_pos_emb, modeling_qwen2.Qwen2RMSNorm
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", original_rope)  # put back whatever happens here
+    monkeypatch.setattr(modeling_qwen2, "Qwen2RMSNorm", original_norm)
+    calls = []
+
+    def liger_rope(*args, **kwargs):
+        calls.append(1)
+        return original_rope(*args, **kwargs)
+
+    class LigerNorm(original_norm):
+        pass
+
+    def patch(model, **kwargs):
+        modeling_qwen2.apply_rotary_pos_emb = liger_rope
+        modeling_qwen2.Qwen2RMSNorm = LigerNorm
+        model.forward = types.MethodType(type(model).forward, model)  # Liger's loss: on the instance
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"qwen2": None}
+    fake._apply_liger_kernel_to_instance = patch
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+
+    from qlit.models.quantization import Quantization
+
+    def load():
+        return load_causal_lm(
+            "qlit-tiny/qwen2", quantization=Quantization(), dtype="float32", device=torch.device("cpu")
+        )
+
+    patched = load()
+    assert kernels.apply_kernels(patched, "auto", torch.device("cuda")) == "liger"
+    assert modeling_qwen2.apply_rotary_pos_emb is original_rope and modeling_qwen2.Qwen2RMSNorm is original_norm
+    layers = patched.config.num_hidden_layers
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    ids = torch.randint(0, 100, (1, 8))
+    loss = patched(input_ids=ids, labels=ids).loss
+    assert len(calls) == layers  # Liger's rotary function in each layer's forward
+    loss.backward()
+    assert len(calls) == 2 * layers  # and in each checkpointed layer's recomputation
+    assert modeling_qwen2.apply_rotary_pos_emb is original_rope
+
+    later = load()
+    assert type(later.model.norm) is original_norm
+    later(input_ids=ids)
+    assert len(calls) == 2 * layers  # a model built afterwards runs transformers' own
