@@ -196,3 +196,35 @@ def test_liger_changes_the_model_it_is_applied_to_and_no_model_built_later(monke
     assert type(later.model.norm) is original_norm
     later(input_ids=ids)
     assert len(calls) == 2 * layers  # a model built afterwards runs transformers' own
+
+
+@pytest.mark.gpu
+def test_real_liger_stays_on_its_model() -> None:
+    """Liger itself (where installed): its kernels in the model it was applied to, transformers' modeling module as
+    it was, the same loss through checkpointed layers as without Liger (bf16 tolerance), and a model loaded next
+    built from transformers' own modules."""
+    if not kernels.liger_installed():
+        pytest.skip("liger-kernel is not installed (pip install 'qlit[gpu]')")
+    from transformers.models.qwen2 import modeling_qwen2
+
+    before = dict(vars(modeling_qwen2))
+    batch = {"input_ids": torch.randint(3, 500, (2, 32), device="cuda")}
+    batch["labels"] = batch["input_ids"]
+    losses = {}
+    for choice in ("none", "auto", "none"):
+        torch.manual_seed(0)
+        module = _module(dtype="bfloat16", kernels=choice, gradient_checkpointing=True).to("cuda")
+        module.configure_model()
+        assert module.kernels_applied == ("liger" if choice == "auto" else "none")
+        norms = {type(m).__name__ for m in module.model.modules() if "RMSNorm" in type(m).__name__}
+        assert norms == {"Qwen2RMSNorm"}, norms
+        patched = [m for m in module.model.modules() if "forward" in vars(m) and "RMSNorm" in type(m).__name__]
+        assert bool(patched) == (choice == "auto")  # Liger's norm bound to this model's modules only
+        module.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module(batch).loss
+        loss.backward()  # the checkpointed layers recomputed with the same kernels
+        losses.setdefault(choice, []).append(loss.item())
+        assert {k: v for k, v in vars(modeling_qwen2).items() if k in before} == before
+    assert losses["none"][0] == losses["none"][1]  # the model loaded after Liger's runs transformers' modules
+    assert abs(losses["auto"][0] - losses["none"][0]) < 1e-2 * losses["none"][0], losses
