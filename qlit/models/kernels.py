@@ -89,6 +89,9 @@ def _to_instance_only(model: Any, patch: Any) -> None:
 
 
 def _with_globals(forward: Any, swaps: list[tuple[Any, str, Any]]) -> Any:
+    import functools
+
+    @functools.wraps(forward)  # the signature stays the forward's (generation reads it)
     def call(*args: Any, **kwargs: Any) -> Any:
         kept = [getattr(module, name) for module, name, _ in swaps]
         for module, name, value in swaps:

@@ -142,6 +142,7 @@ def test_liger_changes_the_model_it_is_applied_to_and_no_model_built_later(monke
     the process builds later. qlit keeps it to the instance: a model built afterwards gets transformers' modules,
     and the patched one still calls Liger's rotary function, in its forward pass and in a checkpointed layer's
     recomputation. (A stand-in for Liger that patches as Liger 0.8 does, since Liger needs CUDA.)"""
+    import inspect
     import sys
     import types
 
@@ -182,6 +183,8 @@ def test_liger_changes_the_model_it_is_applied_to_and_no_model_built_later(monke
     patched = load()
     assert kernels.apply_kernels(patched, "auto", torch.device("cuda")) == "liger"
     assert modeling_qwen2.apply_rotary_pos_emb is original_rope and modeling_qwen2.Qwen2RMSNorm is original_norm
+    # The wrapped forward keeps its signature (generation reads it for the arguments it may pass).
+    assert "logits_to_keep" in inspect.signature(patched.forward).parameters
     layers = patched.config.num_hidden_layers
     patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     patched.train()
