@@ -6,6 +6,7 @@ workloads: ``full`` (every row ``seq`` tokens) and ``sft`` (SFT-like lengths: lo
 by a token budget). tokens/s counts real tokens only.
 
     python tools/bench.py --against-peer PEER.py          # the five-row table: peer and qlit interleaved
+    python tools/bench.py --against-peer PEER.py --set cuda_graphs=auto   # the same, qlit with other options
     python tools/bench.py --ablation                      # each optimisation added in turn, one process each
     python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
@@ -278,8 +279,11 @@ def _subprocess(argv: list[str]) -> dict[str, Any]:
     return lines[-1]
 
 
-def against_peer(peer: str, steps: int, warmup: int, plan: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
-    """Run the peer recipe and qlit on each row of ``plan``, interleaved, each in its own process."""
+def against_peer(
+    peer: str, steps: int, warmup: int, plan: list[tuple[str, str, int]], options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run the peer recipe and qlit (its defaults, changed by ``options``) on each row of ``plan``, interleaved, each
+    in its own process."""
     results = []
     for workload, model, bs in plan:
         model_dir(model)  # both read the same saved model
@@ -293,7 +297,7 @@ def against_peer(peer: str, steps: int, warmup: int, plan: list[tuple[str, str, 
         if not os.path.exists(link):
             os.symlink(os.path.join(MODELS_DIR, model), link)
         peer_out = _subprocess([sys.executable, peer, json.dumps([peer_spec])])
-        qlit_spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup)
+        qlit_spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup, **(options or {}))
         qlit_out = _subprocess([sys.executable, __file__, json.dumps([qlit_spec])])
         row = dict(workload=workload, model=model, bs=bs, peer=peer_out, qlit=qlit_out)
         print(json.dumps(row), flush=True)
@@ -360,6 +364,24 @@ def _plan(only: list[str] | None, default: tuple[tuple[str, str, int], ...]) -> 
     return plan
 
 
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as qlit spec keys (values read as JSON where they parse: true, 8; else text)."""
+    import inspect
+
+    fixed = {"model", "workload", "bs", "steps", "warmup"}  # what the table's rows and --steps/--warmup set
+    known = sorted(set(inspect.signature(run).parameters) - fixed)
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}.")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", nargs="?", help="JSON list of qlit specs (see the module docstring)")
@@ -370,14 +392,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only", nargs="*", metavar="WORKLOAD:MODEL:BS", help="rows of the table (the workloads of --ablation)"
     )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="with --against-peer: qlit options other than its defaults (spec keys, e.g. cuda_graphs=auto)",
+    )
     args = parser.parse_args(argv)
+    options = _options(args.set)
+    if options and not args.against_peer:
+        raise SystemExit("--set applies to --against-peer; a JSON plan names its options in each spec.")
     if args.ablation:
         plan = _plan(args.only, ABLATION_PLAN)
         print(ablation_table(plan, ablation(args.steps, args.warmup, plan)))
         return
     if args.against_peer:
         plan = _plan(args.only, PLAN)
-        results = against_peer(args.against_peer, args.steps, args.warmup, plan)
+        results = against_peer(args.against_peer, args.steps, args.warmup, plan, options)
         print(table(results))
         return
     if not args.plan:

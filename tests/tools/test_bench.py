@@ -65,3 +65,16 @@ def test_a_malformed_only_row_is_one_sentence_naming_it() -> None:
     for bad in ("full:qwen2.5-1.5b", "full:qwen9:8", "long:qwen2.5-1.5b:8", "full:qwen2.5-1.5b:x"):
         with pytest.raises(SystemExit, match=f"--only '{bad}': expected WORKLOAD:MODEL:BS"):
             bench._plan([bad], bench.PLAN)
+
+
+def test_options_for_the_table_are_spec_keys_read_as_json_and_a_bad_one_is_one_sentence() -> None:
+    bench = _bench()
+    assert bench._options(["cuda_graphs=auto", "compile=true", "max_tokens=4096"]) == dict(
+        cuda_graphs="auto", compile=True, max_tokens=4096
+    )
+    assert bench._options(None) == {}
+    for bad in ("cuda_graphs", "graphs=auto", "bs=4"):  # no value, not a spec key, set by the table's rows
+        with pytest.raises(SystemExit, match=f"--set '{bad}': expected KEY=VALUE with KEY one of "):
+            bench._options([bad])
+    with pytest.raises(SystemExit, match="--set applies to --against-peer"):
+        bench.main(['[{"model": "qwen2.5-0.5b"}]', "--set", "compile=true"])
