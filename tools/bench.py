@@ -294,7 +294,7 @@ def against_peer(
         env_models = os.path.join("/tmp", "models")
         os.makedirs(env_models, exist_ok=True)
         link = os.path.join(env_models, model)
-        if not os.path.exists(link):
+        if not os.path.lexists(link):  # a link left dangling by a removed model stays (it resolves again)
             os.symlink(os.path.join(MODELS_DIR, model), link)
         peer_out = _subprocess([sys.executable, peer, json.dumps([peer_spec])])
         qlit_spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup, **(options or {}))
