@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.against_peer:
         plan = _plan(args.only, PLAN)
         results = against_peer(args.against_peer, args.steps, args.warmup, plan, options)
+        if options:  # the table says which qlit it measured
+            print("qlit with " + ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) + ":")
         print(table(results))
         return
     if not args.plan:
