@@ -68,7 +68,8 @@ def _to_instance_only(model: Any, patch: Any) -> None:
     """
     import sys
 
-    watched = {sys.modules[type(m).__module__] for m in model.modules()} | {torch.nn, torch.nn.functional}
+    defining = (sys.modules.get(type(m).__module__) for m in model.modules())
+    watched = {module for module in defining if module is not None} | {torch.nn, torch.nn.functional}
     before = {module: dict(vars(module)) for module in watched}
     patch()
     swaps = []
