@@ -93,9 +93,8 @@ class QLitModule(pl.LightningModule):
             hundreds, which is what bounds small models' steps. Packed steps are padded to one fixed shape (samples
             whose labels are ignored), since a graph replays fixed shapes. ``auto`` applies them on one CUDA device,
             without gradient accumulation or ``compile``, to an unquantized or 4-bit base (not 8-bit or BitNet),
-            where batches are packed for the variable-length kernel; ``true`` insists (refused where they cannot apply);
-            ``false``, the default, runs every layer eagerly. Experimental: measured faster, not yet checked against
-            the eager loss curve on a GPU.
+            where batches are packed for the variable-length kernel, and runs eagerly anywhere else; ``true`` insists
+            (refused where they cannot apply); ``false`` runs every layer eagerly.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
             log directory, in ``adapter/``.
@@ -120,7 +119,7 @@ class QLitModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         fused_lora: bool | Literal["auto"] = "auto",
-        cuda_graphs: GraphsChoice = False,
+        cuda_graphs: GraphsChoice = "auto",
         max_new_tokens: int = 16,
         save_adapter: bool = True,
     ) -> None:

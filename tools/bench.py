@@ -21,8 +21,8 @@ warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true 
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
 layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
 only for a float16 compute dtype | true: always, the QLoRA recipe), fused_lora (auto, the default | false: peft's
-LoRA forward), cuda_graphs (false, the default: the decoder layers run eagerly | auto: replayed as CUDA graphs),
-callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+LoRA forward), cuda_graphs (auto, the default: the layers that are not checkpointed replayed as CUDA graphs |
+false: eager), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -53,19 +53,30 @@ PLAN = (
 )
 
 
-#: ``--ablation``: from the recipe's shape to qlit's defaults, one optimisation added per row, then the opt-in ones:
-#: CUDA graphs, and compile instead of them.
+#: ``--ablation``: from the recipe's shape to qlit's defaults, one optimisation added per row, then the opt-in
+#: ``compile`` instead of the CUDA graphs.
 ABLATION = (
     (
         "padded rows, SDPA, no fused kernels, fp32 frozen weights, peft's LoRA, every layer checkpointed",
-        dict(packing=False, attention="sdpa", kernels="none", prepare_kbit=True, fused_lora=False, ckpt=True),
+        dict(
+            packing=False,
+            attention="sdpa",
+            kernels="none",
+            prepare_kbit=True,
+            fused_lora=False,
+            ckpt=True,
+            cuda_graphs=False,
+        ),
     ),
     ("+ packing by a token budget, variable-length flash attention", dict(packing=True, attention="auto")),
     ("+ Liger's fused linear + cross-entropy, RMSNorm, RoPE, SwiGLU", dict(kernels="auto")),
     ("+ bf16 frozen weights (`prepare_kbit: auto`)", dict(prepare_kbit="auto")),
     ("+ fused LoRA forward (`fused_lora: auto`)", dict(fused_lora="auto")),
-    ("+ `gradient_checkpointing: auto` (qlit's defaults)", dict(ckpt="auto")),
-    ("+ CUDA graphs of the layers that are not checkpointed (`cuda_graphs: auto`)", dict(cuda_graphs="auto")),
+    ("+ `gradient_checkpointing: auto`", dict(ckpt="auto")),
+    (
+        "+ CUDA graphs of the layers that are not checkpointed (`cuda_graphs: auto`, qlit's defaults)",
+        dict(cuda_graphs="auto"),
+    ),
     ("`compile: true` instead of the graphs", dict(compile=True, cuda_graphs=False)),
 )
 #: The workloads ``--ablation`` runs: (workload, model, rows per step).
@@ -169,7 +180,7 @@ def run(
     compile: bool = False,
     prepare_kbit: bool | str = "auto",
     fused_lora: bool | str = "auto",
-    cuda_graphs: bool | str = False,
+    cuda_graphs: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl

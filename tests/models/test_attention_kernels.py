@@ -213,6 +213,7 @@ def test_real_liger_stays_on_its_model() -> None:
     before = dict(vars(modeling_qwen2))
     batch = {"input_ids": torch.randint(3, 500, (2, 32), device="cuda")}
     batch["labels"] = batch["input_ids"]
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     losses = {}
     for choice in ("none", "auto", "none"):
         torch.manual_seed(0)
@@ -224,9 +225,17 @@ def test_real_liger_stays_on_its_model() -> None:
         patched = [m for m in module.model.modules() if "forward" in vars(m) and "RMSNorm" in type(m).__name__]
         assert bool(patched) == (choice == "auto")  # Liger's norm bound to this model's modules only
         module.train()
+        # The rotary function each attention's forward sees (read from inside it, by its query projection), in the
+        # forward pass and in the checkpointed layers' recomputation in the backward pass.
+        ropes: list[str] = []
+        attention = next(m for m in module.model.modules() if type(m).__name__ == "Qwen2Attention")
+        attention.q_proj.register_forward_pre_hook(
+            lambda *_, seen=ropes: seen.append(modeling_qwen2.apply_rotary_pos_emb.__module__.split(".")[0])
+        )
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = module(batch).loss
         loss.backward()  # the checkpointed layers recomputed with the same kernels
+        assert ropes == 2 * ["liger_kernel" if choice == "auto" else "transformers"], ropes
         losses.setdefault(choice, []).append(loss.item())
         assert {k: v for k, v in vars(modeling_qwen2).items() if k in before} == before
     assert losses["none"][0] == losses["none"][1]  # the model loaded after Liger's runs transformers' modules

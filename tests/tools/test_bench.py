@@ -43,7 +43,7 @@ def test_the_ablation_adds_one_change_per_row_and_ends_at_qlit_defaults() -> Non
     defaults = {k: p.default for k, p in inspect.signature(bench.run).parameters.items() if p.default is not p.empty}
     labels = [label for label, _ in bench.ABLATION]
     at_defaults = next(i for i, label in enumerate(labels) if "defaults" in label)
-    assert "cuda_graphs: auto" in labels[at_defaults + 1] and "compile" in labels[-1]
+    assert "cuda_graphs: auto" in labels[at_defaults] and at_defaults == len(labels) - 2 and "compile" in labels[-1]
     spec: dict = {}
     for i, (_, change) in enumerate(bench.ABLATION):
         assert set(change) <= set(defaults), change  # every key is one bench.run takes
@@ -52,8 +52,8 @@ def test_the_ablation_adds_one_change_per_row_and_ends_at_qlit_defaults() -> Non
         spec.update(change)
         if i == at_defaults:  # every knob the ablation touched so far is at its default
             assert {k: defaults[k] for k in spec} == spec
-    # Then the opt-in rows: CUDA graphs, and compile instead of them.
-    assert defaults["cuda_graphs"] is False and defaults["compile"] is False
+    # Then the opt-in row: compile instead of the graphs.
+    assert defaults["cuda_graphs"] == "auto" and defaults["compile"] is False
     assert spec["compile"] is True and spec["cuda_graphs"] is False
     first = bench.ABLATION[0][1]
     assert all(first[k] != defaults[k] for k in first)  # the first row turns every optimisation off
