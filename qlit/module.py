@@ -520,6 +520,10 @@ class QLitModule(pl.LightningModule):
         if reasons:
             if self.cuda_graphs is True:
                 raise QlitError(f"model.cuda_graphs: true needs {'; '.join(reasons)}: set it to auto or false.")
+            if recordable(self.device):  # on a GPU, say why the default's speed-up is not there
+                rank_zero_info(
+                    f"CUDA graphs off for this run (they need {'; '.join(reasons)}); its layers run eagerly."
+                )
             return
         tokens = samples = longest = None
         if isinstance(sampler, TokenBudgetBatchSampler):

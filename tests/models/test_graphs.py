@@ -239,6 +239,34 @@ def test_layers_that_cannot_be_recorded_run_eagerly_or_are_refused_when_insisted
         insisted(batches[0])
 
 
+def test_auto_on_a_gpu_says_why_a_run_trains_without_graphs(emulated, tmp_path, caplog) -> None:
+    """``auto`` is the default: on a CUDA device (the check passed on the CPU) a run the graphs cannot apply to
+    (here gradient accumulation) trains eagerly and says which requirement it misses, once."""
+    import logging
+
+    from helpers import run_cli
+
+    from qlit import module as qlit_module
+
+    emulated.setattr(qlit_module, "recordable", lambda device: True)
+    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps", "2"]
+    args += ["--trainer.limit_val_batches", "0", "--data.init_args.packing", "true"]
+    args += [
+        "--model.init_args.attn_implementation",
+        "qlit_varlen",
+        "--model.init_args.gradient_checkpointing",
+        "false",
+    ]
+    with caplog.at_level(logging.INFO):
+        cli = run_cli(tmp_path, *args, "--trainer.accumulate_grad_batches", "2")
+    assert cli.trainer.global_step == 2 and cli.model.graphs is None
+    said = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert said == [
+        "CUDA graphs off for this run (they need no gradient accumulation (trainer.accumulate_grad_batches: 1)); its "
+        "layers run eagerly."
+    ], said
+
+
 def test_every_step_of_a_real_run_replays_every_layer_and_trains_like_eager(emulated, tmp_path) -> None:
     """The whole path as ``qlit fit`` runs it (the recorder emulated, the device check passed on the CPU): the demo's
     4-bit QLoRA on packed SST-2 batches for 12 steps, over two epochs (the second reshuffled). The static shape
