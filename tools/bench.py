@@ -6,7 +6,7 @@ workloads: ``full`` (every row ``seq`` tokens) and ``sft`` (SFT-like lengths: lo
 by a token budget). tokens/s counts real tokens only.
 
     python tools/bench.py --against-peer PEER.py          # the five-row table: peer and qlit interleaved
-    python tools/bench.py --against-peer PEER.py --set cuda_graphs=auto   # the same, qlit with other options
+    python tools/bench.py --against-peer PEER.py --set cuda_graphs=false  # the same, qlit with other options
     python tools/bench.py --ablation                      # each optimisation added in turn, one process each
     python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         "--set",
         nargs="*",
         metavar="KEY=VALUE",
-        help="with --against-peer: qlit options other than its defaults (spec keys, e.g. cuda_graphs=auto)",
+        help="with --against-peer: qlit options other than its defaults (spec keys, e.g. cuda_graphs=false)",
     )
     args = parser.parse_args(argv)
     options = _options(args.set)
