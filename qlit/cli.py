@@ -14,19 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from qlit.errors import QlitError
-
-SUBCOMMANDS = {
-    "fit": "train: qlit fit --config configs/demo.yaml",
-    "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
-    "test": "evaluate a checkpoint on the test split (--ckpt_path)",
-    "predict": "generate for a split or a prompt file; writes predictions.jsonl",
-    "export": "merge a trained adapter into a plain transformers model",
-    "eval": "score a run on lm-evaluation-harness benchmarks (MMLU, HellaSwag, your own tasks)",
-    "compare": "runs side by side: a table, CSV and plots",
-    "sweep": "run a study (strategies × axes), one run per cell, then a report",
-    "board": "TensorBoard on the runs, opening on loss, task metric, memory and tokens/s",
-}
+from qlit.errors import QlitError, qlit_error_in
+from qlit.parse_errors import concise_parse_error
+from qlit.subcommands import SUBCOMMANDS
 
 HELP = (
     "usage: qlit {" + ",".join(SUBCOMMANDS) + "} [--config FILE] [options]\n\n"
@@ -44,67 +34,6 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # datasets draws a bar for every split it converts and caches (seconds, even for a large dataset's cache).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-
-_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Expected a <class 'NoneType'>",
-    "Given value type:",
-    "Given value:",
-)
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-
-
-def concise_parse_error(message: str) -> str:
-    """One sentence from jsonargparse's nested report: the full key of the offending option and what is wrong.
-
-    jsonargparse explains a bad value once per candidate type of each enclosing Union (e.g. ``QLitModule | None``);
-    only the innermost reason names the user's mistake.
-    """
-    # A key can also open mid-line ('... expects a function or a callable class: Parser key "lr":').
-    message = re.sub(r'(?<=\S)\s*(Parser key "[^"]*":)', r"\n\1", message)
-    expected = _expected_value(message)
-    keys: list[str] = []
-    reasons: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip().lstrip("- ").strip()
-        if not line or line.startswith(_NOISE):
-            continue
-        match = re.match(r'(?:Parser key|Problem with given class_path [^:]+:)\s*"?([^":]*)"?:?$', line)
-        if line.startswith("Parser key"):
-            key, _, rest = line.partition('":')
-            keys.append(key.split('"')[1])
-            if rest.strip():  # 'Parser key "config": File does not exist: ...' carries its reason on the line
-                reasons.append(rest.strip())
-        elif match:
-            continue
-        else:
-            reasons.append(line)
-    reason = expected or (reasons[-1] if reasons else message.strip().splitlines()[0])
-    reason = re.sub(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", r"got '\2', expected one of \1", reason)
-    key = ".".join(k for k in keys if k)
-    return f"{key}: {reason}" if key else reason
-
-
-def _expected_value(message: str) -> str | None:
-    """``got 'abc', expected a number`` from the innermost key's report of a value of the wrong type, else None.
-
-    Types a value merely could have been (``None`` of an optional, the tensor a learning rate may also be) come with
-    reasons of their own ("Expected a dot import path string"), which name no type and are left out.
-    """
-    inner = message.rsplit('Parser key "', 1)[-1]
-    types = [t for t in re.findall(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>", inner) if t != "NoneType"]
-    given = re.search(r"(?:Given value|Got value): (.*?)(?:\. Got value: .*)?$", inner, re.MULTILINE)
-    if not types or given is None:
-        return None
-    # The named values a Union also takes (``auto`` of ``bool | int | Literal["auto"]``).
-    named = [v for group in re.findall(r"Expected a typing\.Literal\[(.*?)\]", inner) for v in group.split(", ")]
-    words = " or ".join(dict.fromkeys([_TYPE_WORDS.get(t, f"a {t}") for t in types] + named))
-    return f"got '{given.group(1).strip()}', expected {words}"
 
 
 def _config_file_problem(value: str) -> str | None:
@@ -168,13 +97,6 @@ def _yaml_file_in(argv: list[str]) -> str | None:
     return None
 
 
-def _qlit_error_in(err: BaseException | None) -> QlitError | None:
-    """The QlitError that ``err`` is or was raised from, if any."""
-    while err is not None and not isinstance(err, QlitError):
-        err = err.__cause__ or err.__context__
-    return err
-
-
 def main(args: Any = None) -> None:
     """Entry point of the ``qlit`` command."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -183,7 +105,7 @@ def main(args: Any = None) -> None:
         raise SystemExit(0 if argv else 2)
     _quiet_third_party()
     if argv[0] == "board":  # TensorBoard with the study's cards pinned; handles its own errors, loads no PyTorch
-        from qlit.board import main as board_main
+        from qlit.study.board import main as board_main
 
         board_main(argv[1:])
         return
@@ -203,12 +125,12 @@ def main(args: Any = None) -> None:
             export_main(argv[1:])
             return
         if argv[0] == "compare":  # reads finished runs' logs; handles its own errors
-            from qlit.compare import main as compare_main
+            from qlit.study.compare import main as compare_main
 
             compare_main(argv[1:])
             return
         if argv[0] == "sweep":  # runs each cell as its own `qlit fit` process; handles its own errors
-            from qlit.sweep import main as sweep_main
+            from qlit.study.sweep import main as sweep_main
 
             sweep_main(argv[1:])
             return
@@ -223,7 +145,7 @@ def main(args: Any = None) -> None:
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union
         # subtypes; the QlitError it wraps is the sentence for the user.
-        cause = _qlit_error_in(err)
+        cause = qlit_error_in(err)
         if cause is None:
             raise
         print(f"qlit: error: {cause}", file=sys.stderr)

@@ -162,7 +162,7 @@ class QLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
-        check_fused_lora(fused_lora, adapter, quantization.is_4bit)
+        check_fused_lora(fused_lora, adapter, quantization.backend.allows_fused_lora)
         self.fused_lora = fused_lora
         check_graphs(cuda_graphs, compile, gradient_checkpointing, attn_implementation)
         self.cuda_graphs = cuda_graphs
@@ -506,8 +506,8 @@ class QLitModule(pl.LightningModule):
                 ("one device without a distributed strategy", isinstance(trainer.strategy, SingleDeviceStrategy)),
                 ("no gradient accumulation (trainer.accumulate_grad_batches: 1)", trainer.accumulate_grad_batches == 1),
                 ("model.compile: false", not self.compile_layers),
-                # LLM.int8()'s outlier split and BitNet's layers are not recorded as CUDA graphs here.
-                ("an unquantized or 4-bit base", self.quantization.mode in ("none", "nf4", "fp4")),
+                # The quantization backend says (LLM.int8()'s outlier split and BitNet's layers are not recorded).
+                ("an unquantized or 4-bit base", self.quantization.backend.allows_cuda_graphs),
                 ("a decoder layer that is not checkpointed", bool(kept)),
                 (
                     "packed batches through the variable-length kernel (data.packing)",

@@ -15,19 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from qlit.callbacks.params import TrainableParamsMonitor
-from qlit.compare import (
-    collect_runs,
-    describe_config,
-    main,
-    plot,
-    read_run,
-    table,
-    technique,
-    to_csv,
-    to_markdown,
-)
 from qlit.errors import QlitError
-from qlit.report import Entry, parse_samples, plot_report, report_rows, write_report
+from qlit.study.compare import main, plot, table, to_csv, to_markdown
+from qlit.study.report import Entry, parse_samples, plot_report, report_rows, write_report
+from qlit.study.runs import collect_runs, read_run
+from qlit.study.techniques import describe_config, technique
 
 # Above 2**24, so a float32 TensorBoard scalar cannot hold it: the table must take it from the float64 hparams.
 FULL_PARAMS = 494_032_769

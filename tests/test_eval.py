@@ -14,8 +14,8 @@ from helpers import ROOT, run_cli, run_main, scalars
 from peft import LoraConfig, PeftModel, PromptTuningConfig
 from transformers import AutoTokenizer
 
-from qlit.compare import collect_runs, table
-from qlit.compare import main as compare_main
+from qlit.study.compare import collect_runs, table
+from qlit.study.compare import main as compare_main
 from qlit.errors import QlitError
 from qlit.evaluate import evaluate_model
 from qlit.export import export_merged

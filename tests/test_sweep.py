@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT, run_main, write_study
 
 from qlit.errors import QlitError
-from qlit.sweep import STRATEGIES, load_study, merge
+from qlit.study.sweep import STRATEGIES, load_study, merge
 
 
 def adapter(cell):
@@ -131,13 +131,14 @@ def test_a_bad_study_is_one_sentence(tmp_path, study, message):
 
 
 def test_eval_runs_when_qlit_has_the_subcommand(tmp_path, monkeypatch):
-    from qlit import cli, sweep
+    from qlit.study import sweep
+    from qlit.subcommands import SUBCOMMANDS
 
     path = write_study(tmp_path, {"strategies": ["qlora"], "eval": {"tasks": ["hellaswag"], "limit": 20}})
-    monkeypatch.delitem(cli.SUBCOMMANDS, "eval", raising=False)
+    monkeypatch.delitem(SUBCOMMANDS, "eval", raising=False)
     with pytest.raises(QlitError, match="'eval': this qlit has no `qlit eval` subcommand"):
         load_study(path)
-    monkeypatch.setitem(cli.SUBCOMMANDS, "eval", "benchmarks")
+    monkeypatch.setitem(SUBCOMMANDS, "eval", "benchmarks")
     study = load_study(path)
     assert study.eval == {"tasks": ["hellaswag"], "limit": 20}
     fit = tmp_path / "fit"
@@ -153,7 +154,7 @@ def test_eval_runs_when_qlit_has_the_subcommand(tmp_path, monkeypatch):
 
 def test_every_built_in_strategy_parses(tmp_path):
     """Each built-in fragment is a valid `qlit fit` config (the model's own checks aside), checked as a sweep does."""
-    from qlit.sweep import check_cells
+    from qlit.study.sweep import check_cells
 
     study = load_study(
         write_study(
@@ -236,7 +237,7 @@ def test_each_shipped_study_parses(tmp_path, path):
     """Every cell of every shipped study is a valid `qlit fit` config; only the pairs peft cannot train are refused."""
     import torch
 
-    from qlit.sweep import check_cells
+    from qlit.study.sweep import check_cells
 
     # The README's support matrix: LoHa and LoKr have no 4-bit layer; DoRA loses the 8-bit scales on a CPU.
     peft_refused = {"loha-nf4", "lokr-nf4"} | (set() if torch.cuda.is_available() else {"dora-int8"})

@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("eval_gpu_check: no CUDA GPU here (--device cpu runs it slowly on the CPU).")
     on_gpu = device.type == "cuda"
 
-    from qlit.compare import collect_runs, table, to_markdown
     from qlit.evaluate import evaluate_model
+    from qlit.study.compare import table, to_markdown
+    from qlit.study.runs import collect_runs
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="qlit-eval-gpu-"))
     model_dir = build_model(args.model, work / "models" / args.model, device)

@@ -413,14 +413,18 @@ def lora_4bit_modules(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
-def check_fused_lora(choice: FusedLoraChoice, adapter: Any, quantized_4bit: bool) -> None:
-    """Refuse, when the config is read, ``fused_lora: true`` for a run it cannot apply to."""
+def check_fused_lora(choice: FusedLoraChoice, adapter: Any, base_allows: bool) -> None:
+    """Refuse, when the config is read, ``fused_lora: true`` for a run it cannot apply to; ``base_allows``: the
+    quantization backend allows the fused path (``QuantBackend.allows_fused_lora``)."""
     if choice is not True:
         return
     from peft import LoraConfig
 
-    if not quantized_4bit:
-        raise QlitError("model.fused_lora: true needs a 4-bit base (quantization.mode nf4 or fp4): set it to auto.")
+    from qlit.models.quant import backend_class, backend_modes
+
+    if not base_allows:
+        modes = " or ".join(m for m in backend_modes() if backend_class(m).allows_fused_lora)
+        raise QlitError(f"model.fused_lora: true needs a 4-bit base (quantization.mode {modes}): set it to auto.")
     if adapter is None:
         return  # an adapter loaded from adapter_path: checked once it is loaded
     if type(adapter) is not LoraConfig:

@@ -1,7 +1,8 @@
 """How a base model's weights are stored while it is fine-tuned: one small typed spec.
 
 What a mode means (how the base loads, trains, saves and exports) is its backend's, in ``qlit.models.quant``; the
-spec's modes are the ones the backends serve. Invalid combinations are refused when the spec is built, in one
+spec's modes are the ones the backends serve, and the spec sits above them: a backend reads it as a
+:class:`~qlit.models.quant.base.QuantSpec`. Invalid combinations are refused when the spec is built, in one
 sentence, before any weight is loaded.
 """
 
@@ -13,20 +14,11 @@ from typing import Literal
 import torch
 
 from qlit.errors import QlitError
+from qlit.models.dtypes import DTYPES, to_dtype
 from qlit.models.quant import QuantBackend, backend_class, backend_modes
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 QuantMode = Literal[backend_modes()]  # type: ignore[valid-type]  # a backend module adds its modes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORAGE = {**_DTYPES, "uint8": torch.uint8}
-
-
-def to_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` → ``torch.bfloat16``; the names are the ones YAML configs use."""
-    if name not in _STORAGE:
-        raise QlitError(f"Unknown dtype '{name}': use one of {', '.join(_STORAGE)}.")
-    return _STORAGE[name]
 
 
 @dataclass
@@ -58,9 +50,9 @@ class Quantization:
         modes = QuantMode.__args__  # type: ignore[attr-defined]
         if self.mode not in modes:
             raise QlitError(f"Unknown quantization mode '{self.mode}': use one of {', '.join(modes)}.")
-        if self.compute_dtype not in _DTYPES:
+        if self.compute_dtype not in DTYPES:
             raise QlitError(
-                f"Unknown quantization compute_dtype '{self.compute_dtype}': use one of {', '.join(_DTYPES)}."
+                f"Unknown quantization compute_dtype '{self.compute_dtype}': use one of {', '.join(DTYPES)}."
             )
         if self.double_quant and not self.is_4bit:
             raise QlitError(f"double_quant applies to 4-bit quantization only, but mode is '{self.mode}'.")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from qlit.models.quant.base import QuantBackend, backend_class, backend_modes
+from qlit.models.quant.base import QuantBackend, QuantSpec, backend_class, backend_modes, described_backend
 
-__all__ = ["QuantBackend", "backend_class", "backend_modes"]
+__all__ = ["QuantBackend", "QuantSpec", "backend_class", "backend_modes", "described_backend"]
 
 
 def _import_backends() -> None:

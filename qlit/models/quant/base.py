@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from qlit.errors import QlitError
 
-if TYPE_CHECKING:
-    from qlit.models.quantization import Quantization
-
 _BACKENDS: dict[str, type[QuantBackend]] = {}
+
+#: How a study names a run's compute dtype (``full fine-tuning (fp32)``).
+_DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class QuantSpec(Protocol):
+    """What a backend reads of its spec, :class:`qlit.models.quantization.Quantization`, which sits above the
+    backends (its modes are theirs)."""
+
+    mode: str
+    compute_dtype: str
+    quant_storage: str
+    int8_threshold: float
+    skip_modules: list[str] | None
+
+    @property
+    def uses_double_quant(self) -> bool: ...
 
 
 class QuantBackend:
@@ -33,6 +47,20 @@ class QuantBackend:
     needs_adapter: ClassVar[bool] = False
     #: peft's ``prepare_model_for_kbit_training`` (fp32 norms, input gradients) is the recipe for this base.
     kbit_training: ClassVar[bool] = False
+    #: The weights are stored in 4 bits with quantization constants (double_quant, quant_storage).
+    is_4bit: ClassVar[bool] = False
+    #: Several weights share one stored element, so a layer's weight has no ``(out, in)`` shape.
+    packs_weights: ClassVar[bool] = False
+
+    # ----- the fast paths this base may take (each was checked on it; a new backend starts without them) ------------
+    #: The decoder layers may be recorded as CUDA graphs (``QLitModule.cuda_graphs``).
+    allows_cuda_graphs: ClassVar[bool] = False
+    #: LoRA may run as qlit's fused autograd function over the stored weights (``QLitModule.fused_lora``).
+    allows_fused_lora: ClassVar[bool] = False
+
+    #: How a study names the base stored in each of ``modes`` (``8-bit``, ``NF4``; ``""``: the base as it is); a mode
+    #: missing here is named as it is.
+    labels: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -41,18 +69,33 @@ class QuantBackend:
                 raise TypeError(f"quantization mode '{mode}' is served by both {_BACKENDS[mode]} and {cls}.")
         _BACKENDS.update(dict.fromkeys(cls.modes, cls))
 
-    def __init__(self, spec: Quantization) -> None:
+    def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
 
-    @property
-    def is_4bit(self) -> bool:
-        """Whether the weights are stored in 4 bits with quantization constants (double_quant, quant_storage)."""
-        return False
+    # ----- how a study names it ---------------------------------------------------------------------------------------
+    @classmethod
+    def base_label(cls, mode: str, *, double_quant: bool | None = None) -> str:
+        """How a study names a base stored in ``mode`` (``NF4 + DQ``, ``8-bit``; ``""`` for the base as it is)."""
+        label = cls.labels.get(mode, mode)
+        return f"{label} + DQ" if double_quant and cls.is_4bit else label
 
-    @property
-    def packs_weights(self) -> bool:
-        """Whether several weights share one stored element, so a layer's weight has no ``(out, in)`` shape."""
-        return False
+    @classmethod
+    def technique_label(
+        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+    ) -> str | None:
+        """The name of the technique that trains a base stored in ``mode`` with ``adapter`` (a peft config's class
+        name, ``full`` for none), where it has one of its own (``QLoRA (NF4 + DQ)``, ``full fine-tuning (fp32)``);
+        ``None``: a study calls it the adapter's method on :meth:`base_label`.
+
+        Args:
+            mode: the quantization mode, one of ``modes``.
+            adapter: the peft config's class name (``LoraConfig``, ``LoraConfig+dora``), ``full`` or ``None``.
+            double_quant: whether the quantization constants are quantized too.
+            dtype: the dtype the run trained in (``float32``).
+        """
+        if adapter == "full":
+            return "full fine-tuning" + (f" ({_DTYPE_LABELS[dtype]})" if dtype in _DTYPE_LABELS else "")
+        return None
 
     # ----- before any weight is loaded --------------------------------------------------------------------------------
     def check_full_fine_tuning(self) -> None:
@@ -113,6 +156,12 @@ class QuantBackend:
 def backend_class(mode: str) -> type[QuantBackend]:
     """The backend class serving ``mode``."""
     return _BACKENDS[mode]
+
+
+def described_backend(mode: object) -> type[QuantBackend]:
+    """The backend class serving ``mode`` as a run's config records it, or :class:`QuantBackend` itself for a mode no
+    backend serves (any more): its defaults name it as it is."""
+    return _BACKENDS.get(mode, QuantBackend) if isinstance(mode, str) else QuantBackend
 
 
 def backend_modes() -> tuple[str, ...]:

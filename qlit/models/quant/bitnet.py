@@ -21,10 +21,19 @@ class BitNet(QuantBackend):
     """BitNet b1.58 layers put into the loaded base by :func:`qlit.models.bitnet.apply_bitnet`."""
 
     modes: ClassVar[tuple[str, ...]] = ("bitnet",)
+    packs_weights: ClassVar[bool] = True  # under an adapter, the only case adapter_refusal is asked about
+    # No fast path: its layers are not recorded as CUDA graphs, and the fused LoRA reads bitsandbytes' 4-bit weights.
+    labels: ClassVar[dict[str, str]] = {"bitnet": "BitNet"}
 
-    @property
-    def packs_weights(self) -> bool:
-        return True  # under an adapter, the only case adapter_refusal is asked about
+    @classmethod
+    def technique_label(
+        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+    ) -> str | None:
+        if adapter == "full":
+            return "BitNet b1.58"  # trained through its ternary weights (QAT)
+        if adapter == "LoraConfig":
+            return "QLoRA + BitNet"
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig

@@ -11,32 +11,52 @@ from typing import Any, ClassVar
 
 import torch
 
+from qlit.models.dtypes import to_dtype
 from qlit.models.quant.base import QuantBackend
-
-_FOUR_BIT = ("nf4", "fp4")
 
 
 class BitsAndBytes(QuantBackend):
-    """A base quantized by ``transformers.BitsAndBytesConfig`` at load time."""
+    """A base quantized by ``transformers.BitsAndBytesConfig`` at load time (its modes are its two subclasses')."""
 
-    modes: ClassVar[tuple[str, ...]] = ("int8", *_FOUR_BIT)
     needs_adapter: ClassVar[bool] = True
     kbit_training: ClassVar[bool] = True
 
-    @property
-    def is_4bit(self) -> bool:
-        return self.spec.mode in _FOUR_BIT
+    def load_kwargs(self, device: torch.device) -> dict[str, Any]:
+        # The whole model goes onto the one device Lightning assigned to this process.
+        return {"quantization_config": self.bnb_config(), "device_map": {"": device}}
 
-    @property
-    def packs_weights(self) -> bool:
-        return self.is_4bit  # two 4-bit weights to a byte; LLM.int8() keeps one weight per int8 element
+    def bnb_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` for this spec."""
+        raise NotImplementedError
+
+    def after_load(self, model: Any, device: torch.device) -> Any:
+        # device_map already placed it.
+        if device.type == "cpu":
+            _keep_cpu_4bit_trainable(model)
+        return model
+
+
+class Int8(BitsAndBytes):
+    """LLM.int8(): 8-bit weights, outlier activations through an fp16 path."""
+
+    modes: ClassVar[tuple[str, ...]] = ("int8",)
+    # LLM.int8()'s outlier split is not recorded as CUDA graphs here.
+    labels: ClassVar[dict[str, str]] = {"int8": "8-bit"}
+
+    @classmethod
+    def technique_label(
+        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+    ) -> str | None:
+        if adapter == "LoraConfig":
+            return "8-bit + LoRA"
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig
 
         # Where the model will train is not known yet (config time): the CPU, unless there is a GPU to train on.
         on_cpu = not torch.cuda.is_available()
-        if isinstance(adapter, LoraConfig) and getattr(adapter, "use_dora", False) and not self.is_4bit and on_cpu:
+        if isinstance(adapter, LoraConfig) and getattr(adapter, "use_dora", False) and on_cpu:
             # peft's DoRA de-quantizes the 8-bit weight and, on CPU only, re-creates bitsandbytes' Int8Params,
             # which drops its row scales (SCB): the next forward fails ("'NoneType' object has no attribute ...").
             return (
@@ -45,23 +65,37 @@ class BitsAndBytes(QuantBackend):
             )
         return super().adapter_refusal(adapter)
 
-    def load_kwargs(self, device: torch.device) -> dict[str, Any]:
-        # The whole model goes onto the one device Lightning assigned to this process.
-        return {"quantization_config": self.bnb_config(), "device_map": {"": device}}
-
     def bnb_config(self) -> Any:
-        """The ``BitsAndBytesConfig`` for this spec."""
         from transformers import BitsAndBytesConfig
 
-        from qlit.models.quantization import to_dtype  # the spec's module imports the backends
+        spec = self.spec
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=spec.int8_threshold, llm_int8_skip_modules=spec.skip_modules
+        )
+
+
+class FourBit(BitsAndBytes):
+    """QLoRA's 4-bit weights: NormalFloat4 or FP4 in blocks, each block with its scale."""
+
+    modes: ClassVar[tuple[str, ...]] = ("nf4", "fp4")
+    is_4bit: ClassVar[bool] = True
+    packs_weights: ClassVar[bool] = True  # two 4-bit weights to a byte
+    allows_cuda_graphs: ClassVar[bool] = True
+    allows_fused_lora: ClassVar[bool] = True
+    labels: ClassVar[dict[str, str]] = {"nf4": "NF4", "fp4": "FP4"}
+
+    @classmethod
+    def technique_label(
+        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+    ) -> str | None:
+        if adapter == "LoraConfig":
+            return f"QLoRA ({cls.base_label(mode, double_quant=double_quant)})"
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+
+    def bnb_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
 
         spec = self.spec
-        if not self.is_4bit:
-            return BitsAndBytesConfig(
-                load_in_8bit=True,
-                llm_int8_threshold=spec.int8_threshold,
-                llm_int8_skip_modules=spec.skip_modules,
-            )
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=spec.mode,
@@ -70,12 +104,6 @@ class BitsAndBytes(QuantBackend):
             bnb_4bit_quant_storage=to_dtype(spec.quant_storage),
             llm_int8_skip_modules=spec.skip_modules,
         )
-
-    def after_load(self, model: Any, device: torch.device) -> Any:
-        # device_map already placed it.
-        if device.type == "cpu":
-            _keep_cpu_4bit_trainable(model)
-        return model
 
 
 def _keep_cpu_4bit_trainable(model: Any) -> None:

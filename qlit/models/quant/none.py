@@ -12,3 +12,5 @@ class NoQuantization(QuantBackend):
 
     modes: ClassVar[tuple[str, ...]] = ("none",)
     quantized: ClassVar[bool] = False
+    allows_cuda_graphs: ClassVar[bool] = True
+    labels: ClassVar[dict[str, str]] = {"none": ""}

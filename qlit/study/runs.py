@@ -1,24 +1,17 @@
-"""``qlit compare``: one table, and plots, of a study's runs, read back from their TensorBoard event files.
+"""Runs read back from their TensorBoard event files: one :class:`Run` per run directory, one row per run.
 
-The point of qlit is comparing techniques side by side (full fine-tuning, LoRA on an fp32, 8-bit or 4-bit base,
-BitNet, the peft methods), and every run already logs what such a comparison needs (README, "What is logged").
-This module reads it back: one row per run as Markdown or CSV, and PNG plots of the loss curves and of the costs.
-The columns come from what the always-on callbacks (:data:`qlit.callbacks.ALWAYS_ON`) and the tasks
-(:attr:`qlit.tasks.Task.metric_specs`) declare they log.
-
-    qlit compare logs/ --sort val/loss --csv study.csv --plots study_plots/
+Every run already logs what a study compares (README, "What is logged"); the row's columns come from what the
+always-on callbacks (:data:`qlit.callbacks.ALWAYS_ON`) and the tasks (:attr:`qlit.tasks.Task.metric_specs`) declare
+they log. ``qlit compare`` prints these rows as a table, :mod:`qlit.study.report` writes them as a report.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import math
 import re
 import statistics
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +21,8 @@ import yaml
 from qlit.errors import QlitError
 from qlit.evaluate import EVAL_PREFIX, STDERR_SUFFIX
 from qlit.metrics import LM_METRICS, Aggregate, MetricSpec
-from qlit.naming import adapter_name
 from qlit.paths import QLIT_BASE_FILE
+from qlit.study.techniques import describe_config, technique
 
 EVENTS_PREFIX = "events.out.tfevents."
 
@@ -249,102 +242,6 @@ def _config_hparams(run_dir: Path) -> dict[str, Any]:
     return describe_config(_read_yaml(run_dir / "config.yaml"))
 
 
-def describe_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The study's columns of a run's config (a resolved ``config.yaml``, or a sweep cell's merged config).
-
-    ``pretrained``, ``quantization`` (its mode), ``double_quant``, ``adapter`` (named as
-    ``QLitModule.study_hparams`` names it), ``rank`` (LoRA, LoHa and LoKr's ``r``, AdaLoRA's ``target_r``) and
-    ``task`` (the DataModule without its suffix, and its dataset: ``SST2 (qlit-samples/sst2)``). A key the config
-    does not settle is ``None``.
-    """
-    model = config.get("model")
-    init = model.get("init_args", model) if isinstance(model, Mapping) else None
-    out: dict[str, Any] = {"task": _task_name(config.get("data"))}
-    if not isinstance(init, Mapping):
-        return out
-    quantization = init.get("quantization")
-    adapter = init.get("adapter")
-    rank = None
-    if isinstance(adapter, Mapping):
-        config_class = str(adapter.get("class_path", "")).rsplit(".", 1)[-1]
-        options = adapter.get("init_args") or {}
-        name = adapter_name(config_class, options, None) if config_class else None
-        rank = options.get("target_r" if config_class == "AdaLoraConfig" else "r")
-    elif "adapter" in init:
-        name = adapter_name(None, {}, init.get("adapter_path"))
-    else:
-        name = None
-    mode = quantization.get("mode", "none") if isinstance(quantization, Mapping) else None
-    double_quant = quantization.get("double_quant") if isinstance(quantization, Mapping) else None
-    if mode is not None and double_quant is None:  # QLoRA's default: on for the 4-bit modes
-        double_quant = mode in ("nf4", "fp4")
-    dtype = init.get("dtype")
-    if mode not in (None, "none") and isinstance(quantization, Mapping):
-        dtype = quantization.get("compute_dtype", dtype)
-    return {
-        **out,
-        "pretrained": init.get("pretrained"),
-        "quantization": mode,
-        "double_quant": double_quant,
-        "compute_dtype": dtype,
-        "adapter": name,
-        "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
-    }
-
-
-def _task_name(data: Any) -> str | None:
-    if not isinstance(data, Mapping) or not data.get("class_path"):
-        return None
-    name = str(data["class_path"]).rsplit(".", 1)[-1].removesuffix("DataModule")
-    init = data.get("init_args") or {}
-    source = init.get("path") if isinstance(init, Mapping) else None
-    if isinstance(source, str) and source in ("json", "csv", "parquet", "text"):  # local files: name the first one
-        files = init.get("data_files")
-        first = next(iter(files.values()), None) if isinstance(files, Mapping) else files
-        source = first[0] if isinstance(first, list) and first else first
-    return f"{name} ({source})" if source else name
-
-
-_METHODS = {
-    "LoraConfig": "LoRA",
-    "LoraConfig+dora": "DoRA",
-    "LoraConfig+rslora": "rsLoRA",
-    "LoraConfig+dora+rslora": "DoRA (rsLoRA scaling)",
-    "AdaLoraConfig": "AdaLoRA",
-    "IA3Config": "IA3",
-    "LoHaConfig": "LoHa",
-    "LoKrConfig": "LoKr",
-    "PromptTuningConfig": "prompt tuning",
-    "PrefixTuningConfig": "prefix tuning",
-    "PromptEncoderConfig": "P-tuning",
-    "loaded": "trained adapter",
-}
-_BASES = {"none": "", "int8": "8-bit", "nf4": "NF4", "fp4": "FP4", "bitnet": "BitNet"}
-_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def technique(
-    quantization: str | None, adapter: str | None, double_quant: bool | None = None, dtype: str | None = None
-) -> str | None:
-    """The technique a run stands for, as a study names it: ``QLoRA (NF4 + DQ)``, ``8-bit + LoRA``, ``IA3 on NF4``,
-    ``full fine-tuning (fp32)``, ``BitNet b1.58``; ``None`` where neither the quantization nor the adapter is known.
-    """
-    if quantization is None and adapter is None:
-        return None
-    mode = quantization or "none"
-    base = _BASES.get(mode, mode)
-    if mode in ("nf4", "fp4") and double_quant:
-        base += " + DQ"
-    if adapter == "full":
-        if mode == "bitnet":
-            return "BitNet b1.58"
-        return "full fine-tuning" + (f" ({_DTYPES[dtype]})" if dtype in _DTYPES else "")
-    if adapter == "LoraConfig" and mode in ("int8", "nf4", "fp4", "bitnet"):
-        return {"int8": "8-bit + LoRA", "bitnet": "QLoRA + BitNet"}.get(mode, f"QLoRA ({base})")
-    method = _METHODS.get(adapter or "", (adapter or "?").removesuffix("Config"))
-    return f"{method} on {base}" if base else method
-
-
 def _qlit_base_hparams(run_dir: Path) -> dict[str, Any]:
     """``pretrained`` and ``quantization`` from ``adapter/qlit_base.json``, which fit saves beside the adapter."""
     path = run_dir / "adapter" / QLIT_BASE_FILE
@@ -470,30 +367,7 @@ def eval_columns(runs: Sequence[Run]) -> list[str]:
     return sorted(tag for tag in tags if not tag.endswith(STDERR_SUFFIX))
 
 
-def table(runs: Sequence[Run], sort: str | None = None, descending: bool = False) -> list[Row]:
-    """One row per run (:func:`run_row`), without the columns that no run has.
-
-    Args:
-        runs: The runs, e.g. from :func:`collect_runs`.
-        sort: A column to order the rows by (e.g. ``val/loss``); runs without a value come last. ``None`` keeps the
-            order of ``runs``.
-        descending: Largest value first (for metrics where higher is better, such as ``val/accuracy``).
-
-    Raises:
-        QlitError: ``sort`` names a column that no run has.
-    """
-    rows = [run_row(run) for run in runs]
-    names = [*columns(), *eval_columns(runs)]
-    present = [c for c in names if c == "run" or any(row.get(c) is not None for row in rows)]
-    if sort is not None:
-        if sort not in present:
-            raise QlitError(f"Cannot sort by '{sort}', which no run has: use one of {', '.join(present)}.")
-        known = sorted((r for r in rows if r.get(sort) is not None), key=lambda r: r[sort], reverse=descending)
-        rows = known + [r for r in rows if r.get(sort) is None]
-    return [{c: row.get(c) for c in present} for row in rows]
-
-
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -505,119 +379,3 @@ def _format(value: Any) -> str:
             return str(value)
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
-
-
-def to_markdown(rows: Sequence[Row]) -> str:
-    """The rows as a Markdown table (numbers to 4 significant digits, right-aligned; ``—`` where a run has none)."""
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    numeric = {c: any(isinstance(r.get(c), (int, float)) for r in rows) for c in columns}
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---:" if numeric[c] else "---" for c in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def to_csv(rows: Sequence[Row], path: str | Path) -> Path:
-    """Write the rows to a CSV file at full precision (an empty cell where a run has no value); returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({c: ("" if row.get(c) is None else row[c]) for c in columns} for row in rows)
-    return path
-
-
-# ----- plots ----------------------------------------------------------------------------------------------------------
-def _figure_class() -> Any:
-    try:
-        from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
-    except ImportError:
-        raise QlitError("Plotting needs matplotlib, which is not installed: pip install matplotlib.") from None
-    return Figure
-
-
-def plot(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write the report's PNG plots (:func:`qlit.report.plot_report`) comparing ``runs`` into ``out_dir``.
-
-    Returns:
-        The files written.
-
-    Raises:
-        QlitError: matplotlib is not installed.
-    """
-    from qlit.report import Entry, plot_report, report_rows
-
-    entries = [Entry(name=run.name, run=run) for run in runs]
-    return plot_report(entries, report_rows(entries), Path(out_dir))
-
-
-# ----- command line ---------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None, prog: str = "qlit compare") -> None:
-    """``qlit compare PATH... [--sort COLUMN [--descending]] [--csv FILE] [--plots DIR]``: print the Markdown table.
-
-    A user error is printed in one line on stderr and exits with code 1; a bad argument exits with code 2.
-
-    Args:
-        argv: The arguments after ``compare`` (``None``: ``sys.argv[1:]``).
-        prog: The command's name in usage and error messages.
-    """
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Compare qlit runs side by side: one Markdown row per run, read from its TensorBoard logs.",
-    )
-    parser.add_argument(
-        "paths", nargs="+", metavar="PATH", help="run directory (logs/demo/version_0) or a folder above"
-    )
-    parser.add_argument(
-        "--sort", metavar="COLUMN", help="order rows by this column, e.g. val/loss (runs without it last)"
-    )
-    parser.add_argument("--descending", action="store_true", help="largest first (e.g. for val/accuracy)")
-    parser.add_argument("--csv", metavar="FILE", type=Path, help="also write the table to this CSV file")
-    parser.add_argument("--plots", metavar="DIR", type=Path, help="also write PNG plots (needs matplotlib) here")
-    parser.add_argument(
-        "--report",
-        metavar="DIR",
-        type=Path,
-        help="also write report.md, report.csv and plots/ here (a sweep's output folder is read as its study)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        runs = collect_runs(args.paths)
-        rows = table(runs, sort=args.sort, descending=args.descending)
-        written = plot(runs, args.plots) if args.plots is not None else []
-        if args.csv is not None:
-            written.insert(0, to_csv(rows, args.csv))
-        if args.report is not None:
-            written += _report(args.paths, runs, args.report)
-    except QlitError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(to_markdown(rows))
-    for path in written:  # on stderr, so that stdout is the table alone (`> study.md`)
-        print(f"{prog}: wrote {path}", file=sys.stderr)
-
-
-def _report(paths: Sequence[str], runs: Sequence[Run], out: Path) -> list[Path]:
-    """The report of ``paths``: a sweep's output folder with its cells (failed ones too), other runs as they are."""
-    from qlit.report import Entry, study_entries, write_report
-
-    entries: list[Entry] = []
-    studies: list[Path] = []
-    for path in paths:
-        folder = Path(path)
-        if (folder / "sweep.json").is_file():
-            entries += study_entries(folder)[1]
-            studies.append(folder.resolve())
-    taken = {entry.run.path.resolve() for entry in entries if entry.run is not None}
-    taken |= {stage.path.resolve() for entry in entries for stage in entry.stages.values()}
-    for run in runs:
-        inside = any(folder in run.path.resolve().parents for folder in studies)
-        if run.path.resolve() not in taken and not inside:
-            entries.append(Entry(name=run.name, run=run))
-    return write_report(entries, out, "Comparison: " + ", ".join(str(p) for p in paths))

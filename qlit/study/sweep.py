@@ -12,7 +12,7 @@ The study is checked before any cell runs: the study file's own keys, then every
 the same parser ``qlit fit`` uses (an unknown key or a bad value is one sentence naming the cell and the key), and
 the model's own checks (a peft method a quantization cannot train is recorded as a failed cell with the reason,
 without starting it). A sweep run again skips the cells that finished (unless their config changed) and redoes the
-unfinished ones from their start. The report (:mod:`qlit.report`) is written at the end: ``report.md``,
+unfinished ones from their start. The report (:mod:`qlit.study.report`) is written at the end: ``report.md``,
 ``report.csv`` and PNG plots in the study's output folder.
 """
 
@@ -41,8 +41,12 @@ from typing import Any
 
 import yaml
 
-from qlit.errors import QlitError
+from qlit.errors import QlitError, qlit_error_in
 from qlit.io import atomic_file
+from qlit.parse_errors import concise_parse_error
+from qlit.study.report import study_entries, study_notes, write_report
+from qlit.study.techniques import describe_config, technique
+from qlit.subcommands import SUBCOMMANDS
 
 #: The keys a study file may have.
 STUDY_KEYS = (
@@ -403,8 +407,6 @@ def _eval(value: Any, where: str) -> dict[str, Any] | None:
 
 
 def _eval_available() -> bool:
-    from qlit.cli import SUBCOMMANDS
-
     return "eval" in SUBCOMMANDS
 
 
@@ -460,8 +462,6 @@ _IN_TECHNIQUE = ("quantization", "quantization.mode", "quantization.double_quant
 
 
 def _technique_of(config: Mapping[str, Any]) -> str | None:
-    from qlit.compare import describe_config, technique
-
     d = describe_config(config)
     return technique(d.get("quantization"), d.get("adapter"), d.get("double_quant"), d.get("compute_dtype"))
 
@@ -529,7 +529,6 @@ def check_cells(study: Study, cells: Sequence[Cell] | None = None) -> dict[str, 
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from qlit.cli import _qlit_error_in, concise_parse_error
     from qlit.module import QLitModule
     from qlit.trainer_cli import QlitCLI
 
@@ -560,14 +559,14 @@ def check_cells(study: Study, cells: Sequence[Cell] | None = None) -> dict[str, 
         except ArgumentError as err:
             raise QlitError(f"{where}: {concise_parse_error(str(err))}.") from None
         except (QlitError, ValueError) as err:
-            cause = _qlit_error_in(err)
+            cause = qlit_error_in(err)
             if cause is None:
                 raise
             raise QlitError(f"{where}: {cause}") from None
         try:
             instantiate(type(parsed)(model=parsed.model))
         except (QlitError, ValueError) as err:  # QLitModule's checks, or the peft config's own (AdaLoRA's total_step)
-            cause = _qlit_error_in(err)
+            cause = qlit_error_in(err)
             refused[cell.name] = str(cause) if cause is not None else concise_parse_error(str(err))
     return refused
 
@@ -886,9 +885,8 @@ def sweep(
         except Interrupted:
             echo("qlit sweep: interrupted; run the same command again to redo the unfinished cells.")
             return 143
-    from qlit.report import write_study_report
-
-    written = write_study_report(study, states)
+    state, entries = study_entries(study.output)
+    written = write_report(entries, study.output, f"Study: {study.name}", study.description, study_notes(state))
     failed = sum(1 for c in study.cells if states[c.name].status != "done")
     echo(
         f"qlit sweep: {total - failed} of {total} cells done"

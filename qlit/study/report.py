@@ -2,7 +2,7 @@
 
 ``qlit sweep`` writes it when its cells are done; ``qlit compare --report DIR PATH...`` writes the same for any runs
 (a sweep's output folder, read with its cells' names, labels and failures, or plain run directories). The numbers
-are :func:`qlit.compare.run_row`'s, so the CSV holds exactly what the event files hold; the Markdown table shows
+are :func:`qlit.study.runs.run_row`'s, so the CSV holds exactly what the event files hold; the Markdown table shows
 them rounded, with units and which way is better.
 
 Plots, per task: validation loss by optimizer step and by tokens trained (one line per run, markers as well as
@@ -20,14 +20,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qlit.compare import Row, Run, _format, columns, describe_config, read_run, run_row, task_metrics, technique
 from qlit.errors import QlitError
 from qlit.metrics import MetricSpec
-
-if TYPE_CHECKING:
-    from qlit.sweep import CellState, Study
+from qlit.study.runs import Row, Run, columns, format_value, read_run, run_row, task_metrics
+from qlit.study.techniques import describe_config, technique
 
 PLOTS_DIR = "plots"
 
@@ -98,7 +96,7 @@ class Entry:
 
 # ----- rows ---------------------------------------------------------------------------------------------------------
 def report_rows(entries: Sequence[Entry]) -> list[Row]:
-    """One row per entry: its run's :func:`~qlit.compare.run_row`, the metrics of its stages, ``label``, ``status``
+    """One row per entry: its run's :func:`~qlit.study.runs.run_row`, the metrics of its stages, ``label``, ``status``
     and ``reason``. Every row has the same keys; those no row has a value for are dropped.
     """
     rows: list[Row] = []
@@ -260,7 +258,7 @@ def to_report_markdown(
         plotted = plotted_metric(group)
         if plotted.name != spec.name:
             same = {row.get(spec.name) for row in group if row["status"] == "done"}
-            lines += [f"{spec.name} is {_format(same.pop())} for every run: the plots show {plotted.name}.", ""]
+            lines += [f"{spec.name} is {format_value(same.pop())} for every run: the plots show {plotted.name}.", ""]
         failed = [row for row in group if row["status"] != "done"]
         if failed:
             lines += ["Not done:", ""]
@@ -339,7 +337,7 @@ def _cell(key: str, value: Any) -> str:
         return f"`{value}`"
     if key == "reason":
         return str(value).replace("|", "\\|")
-    return _format(value)
+    return format_value(value)
 
 
 def _count(value: float) -> str:
@@ -419,9 +417,11 @@ def _inline(text: str, limit: int) -> str:
 
 # ----- plots --------------------------------------------------------------------------------------------------------
 def _figure_class() -> Any:
-    from qlit.compare import _figure_class as figure
-
-    return figure()
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+    except ImportError:
+        raise QlitError("Plotting needs matplotlib, which is not installed: pip install matplotlib.") from None
+    return Figure
 
 
 def _slug(text: str) -> str:
@@ -638,7 +638,7 @@ def _speed(
             color=[styles[row["run"]]["color"] for row in shown],
             hatch=None,
         )
-        ax.bar_label(bars, labels=[_format(row[key]) for row in shown], padding=3, fontsize="small")
+        ax.bar_label(bars, labels=[format_value(row[key]) for row in shown], padding=3, fontsize="small")
         ax.invert_yaxis()
         ax.set_xlabel(title)
         ax.margins(x=0.2)
@@ -739,13 +739,8 @@ def _cell_config(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_study_report(study: Study, states: Mapping[str, CellState]) -> list[Path]:
-    """The report of a finished sweep, in its output folder."""
-    state, entries = study_entries(study.output)
-    return write_report(entries, study.output, f"Study: {study.name}", study.description, _study_notes(state))
-
-
-def _study_notes(state: Mapping[str, Any]) -> list[str]:
+def study_notes(state: Mapping[str, Any]) -> list[str]:
+    """The notes under a study's report: where its cells' configs and runs are, and how long they ran."""
     seconds = [c.get("seconds") or 0.0 for c in state.get("cells", {}).values()]
     notes = [f"Study file: `{state.get('file')}`; each cell's config: `cells/<cell>.yaml`, its run: `runs/<cell>/`."]
     if any(seconds):

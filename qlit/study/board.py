@@ -52,7 +52,7 @@ def run_study_tags(run_dir: Path) -> list[str]:
 def pinned_tags(logdir: str | Path, limit: int = PINNED) -> list[str]:
     """``train/loss`` and the first ``limit`` study tags over all runs under ``logdir``, each once, in the runs' order
     (a study of several tasks pins each task's main metric)."""
-    from qlit.compare import find_run_dirs
+    from qlit.study.runs import find_run_dirs
 
     order: dict[str, int] = {}
     for run_dir in find_run_dirs(logdir):
