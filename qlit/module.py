@@ -19,12 +19,13 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.errors import QlitError
-from qlit.models import attention, layers
+from qlit.models import attention, layers, memory_plan
 from qlit.models.adapters import adapter_base, check_adapter, load_adapter
 from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
 from qlit.models.graphs import GraphsChoice, LayerGraphs, check_graphs, graphable_layers, recordable
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
 from qlit.models.loading import load_causal_lm, same_base
+from qlit.models.offload import Offloader, offload_layers
 from qlit.models.quantization import Quantization
 from qlit.naming import adapter_name
 from qlit.optim import WarmupCosineLR
@@ -75,9 +76,15 @@ class QLitModule(pl.LightningModule):
             ``true`` on every decoder layer; a number: on that many layers only (the first ones), keeping the
             others' activations; ``auto``: every layer, except as many as the memory the fused loss saves can
             hold (:func:`qlit.models.layers.auto_checkpointed`) — speed at no more peak memory than ``true``
-            without fused kernels.
+            without fused kernels; ``offload``: every layer, with each layer's saved input in pinned host memory
+            until the backward pass needs it (:mod:`qlit.models.offload`, Unsloth's trade): the least GPU memory.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` through transformers; ``None`` means
             ``{"use_reentrant": true}``, the variant the QLoRA recipe uses (with input gradients enabled).
+        memory_budget: GPU memory training may use, in GiB (``14``) or as a share of the device (``"50%"``): at the
+            start of training qlit measures what each decoder layer's activations cost on this model and batch, and
+            keeps as many layers as the budget pays for, recomputes the others and offloads recomputed inputs to
+            host memory only where recomputation alone does not fit (:mod:`qlit.models.memory_plan`); one line
+            says the plan. ``auto``: ``gradient_checkpointing`` decides alone.
         optimizer: optimizer class and its arguments, e.g. ``bitsandbytes.optim.PagedAdamW8bit``.
         lr_scheduler: learning-rate schedule, stepped every optimizer step (e.g. ``qlit.optim.WarmupCosineLR``).
         compile: run each decoder layer through ``torch.compile`` (CUDA): fewer kernel launches and fused
@@ -113,8 +120,9 @@ class QLitModule(pl.LightningModule):
         adapter_path: str | None = None,
         allow_base_mismatch: bool = False,
         prepare_kbit: bool | Literal["auto"] = "auto",
-        gradient_checkpointing: bool | int | Literal["auto"] = False,
+        gradient_checkpointing: bool | int | Literal["auto", "offload"] = False,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        memory_budget: float | str = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
@@ -126,12 +134,21 @@ class QLitModule(pl.LightningModule):
         super().__init__()
         if max_new_tokens < 1:
             raise QlitError(f"model.max_new_tokens must be 1 or more, got {max_new_tokens}.")
-        if gradient_checkpointing != "auto" and not isinstance(gradient_checkpointing, bool):
+        if gradient_checkpointing not in ("auto", "offload") and not isinstance(gradient_checkpointing, bool):
             if not isinstance(gradient_checkpointing, int) or gradient_checkpointing < 0:
                 raise QlitError(
-                    "model.gradient_checkpointing must be true, false, auto or a number of layers (0 or more), got "
-                    f"{gradient_checkpointing!r}."
+                    "model.gradient_checkpointing must be true, false, auto, offload or a number of layers (0 or "
+                    f"more), got {gradient_checkpointing!r}."
                 )
+        memory_plan.check_budget(memory_budget)
+        if memory_budget != "auto":
+            if gradient_checkpointing not in (False, "auto"):
+                raise QlitError(
+                    f"model.memory_budget {memory_budget!r} plans which layers are recomputed, and "
+                    f"model.gradient_checkpointing {gradient_checkpointing!r} fixes it: set gradient_checkpointing to "
+                    "auto, or memory_budget to auto."
+                )
+            gradient_checkpointing = "auto"  # the plan decides, layer by layer
         for name, value in (("prepare_kbit", prepare_kbit), ("fused_lora", fused_lora)):
             if not (isinstance(value, bool) or value == "auto"):
                 raise QlitError(f"model.{name} must be true, false or auto, got {value!r}.")
@@ -159,12 +176,18 @@ class QLitModule(pl.LightningModule):
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
+        self.memory_budget = memory_budget
+        #: The plan ``memory_budget`` made at the start of training (``None`` without a budget).
+        self.memory_plan: memory_plan.MemoryPlan | None = None
+        #: Where offloaded layers keep their inputs (``gradient_checkpointing: offload`` or a plan that offloads).
+        self.offloader = Offloader()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile()
         check_fused_lora(fused_lora, adapter, quantization.backend.allows_fused_lora)
         self.fused_lora = fused_lora
-        check_graphs(cuda_graphs, compile, gradient_checkpointing, attn_implementation)
+        every_layer = True if gradient_checkpointing == "offload" else gradient_checkpointing
+        check_graphs(cuda_graphs, compile, every_layer, attn_implementation)
         self.cuda_graphs = cuda_graphs
         #: The decoder layers' CUDA graphs, planned at the start of training (``None``: every layer runs eagerly).
         self.graphs: LayerGraphs | None = None
@@ -216,6 +239,7 @@ class QLitModule(pl.LightningModule):
                 self.adapter_path,
             ),
             "gradient_checkpointing": self.gradient_checkpointing,
+            "memory_budget": self.memory_budget,
         }
 
     # ----- building the model -------------------------------------------------------------------------------------
@@ -240,12 +264,14 @@ class QLitModule(pl.LightningModule):
         self.model = self._attach_adapter(model)
         if self.has_adapter:
             self.fused_lora_layers = apply_fused_lora(self.model, self.fused_lora)
-        if self.gradient_checkpointing == "auto":
+        if self.gradient_checkpointing == "offload":
+            self.checkpointed_layers = offload_layers(layers.decoder_layers(self.model), self.offloader)
+        elif self.gradient_checkpointing == "auto" and self.memory_budget == "auto":
             fused = self.kernels_applied == "liger"
             fp32_stream = self.quantization.backend.kbit_training and self.upcasts_frozen_weights
             recomputed = layers.auto_checkpointed(self.model, fused, fp32_stream, graphed=self._may_graph(device))
             self.checkpointed_layers = layers.checkpoint_first(self.model, recomputed)
-        elif not isinstance(self.gradient_checkpointing, bool):
+        elif not isinstance(self.gradient_checkpointing, (bool, str)):
             self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
         if self.compile_layers:
             layers.compile_layers(self.model)
@@ -481,7 +507,56 @@ class QLitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._replan_schedule()
+        self._plan_memory()
         self._plan_graphs()
+
+    def _plan_memory(self) -> None:
+        """``memory_budget``: measure the layers' costs on this model, then keep, recompute or offload each layer."""
+        budget = memory_plan.budget_bytes(self.memory_budget, self.device)
+        decoder = layers.decoder_layers(self.model)
+        if budget is None or not decoder or self.memory_plan is not None:
+            return
+        static = memory_plan.static_bytes(self.model, self.device)
+        costs = memory_plan.measure(self.model, decoder, self._probe_loss)
+        graph_per_token = 0.0
+        if self._may_graph(self.device) and self.cuda_graphs is not False:
+            config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+            hidden = int(getattr(config or self.model.config, "hidden_size", 0) or 0)
+            fp32_stream = self.quantization.backend.kbit_training and self.upcasts_frozen_weights
+            graph_per_token = layers.GRAPH_BUFFERS * (4 if fp32_stream else 2) * hidden
+        plan = memory_plan.plan(budget, static, self._tokens_per_step(), len(decoder), costs, graph_per_token)
+        offload_layers(decoder[: plan.offloaded], self.offloader)
+        for i, layer in enumerate(decoder[plan.offloaded :]):
+            layer.gradient_checkpointing = i < plan.recomputed
+        self.memory_plan = plan
+        self.checkpointed_layers = plan.recomputed + plan.offloaded
+        rank_zero_info(plan.line()[0].upper() + plan.line()[1:])
+
+    def _tokens_per_step(self) -> int:
+        """The most tokens one training batch holds: the packing budget, or rows × the longest row."""
+        from qlit.data.batching import TokenBudgetBatchSampler
+
+        loader = self.trainer.train_dataloader
+        for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+            if isinstance(sampler, TokenBudgetBatchSampler):
+                return sampler.max_tokens
+        longest = getattr(self.trainer.datamodule, "max_length", None) if self.trainer.datamodule else None
+        if longest is None:
+            longest = max((len(row["input_ids"]) for row in getattr(loader, "dataset", ())), default=1)
+        return int(getattr(loader, "batch_size", None) or 1) * int(longest)
+
+    def _probe_loss(self, tokens: int) -> torch.Tensor:
+        """The loss of one batch of ``tokens`` random tokens, collated as training collates (what the plan measures)."""
+        from qlit.data.batching import PackingCollator
+
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+        vocab = int((config or self.model.config).vocab_size)
+        ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+        collate = getattr(self.trainer.train_dataloader, "collate_fn", None) or PackingCollator()
+        batch = collate([{"input_ids": ids, "labels": ids, "prompt_length": 0}])
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with self.trainer.precision_plugin.forward_context():
+            return self(batch).loss
 
     @property
     def graph_held_bytes(self) -> int:

@@ -132,3 +132,27 @@ def test_fast_paths_keep_the_loss_curve(tmp_path):
         worst = max(abs(a - b) for a, b in zip(curves["plain"], curves[name], strict=True))
         assert worst < 0.05 * max(curves["plain"]), (name, worst, curves)
         assert curves[name][-1] < 0.5 * curves[name][0], curves  # and it still learns
+
+
+def test_offloaded_and_planned_layers_keep_the_loss_curve(tmp_path):
+    """Recomputation with the layers' inputs in pinned host memory (``gradient_checkpointing: offload``) and a plan
+    to a small budget follow plain recomputation's curve on the GPU, and the plan's estimate bounds its peak."""
+    common = ["fit", *GPU, "--trainer.max_steps", "12", "--trainer.limit_val_batches", "0"]
+    m = "--model.init_args."
+    curves, peaks = {}, {}
+    for name, extra in {
+        "recomputed": [],
+        "offloaded": [m + "gradient_checkpointing", "offload"],
+        "planned": [m + "gradient_checkpointing", "auto", m + "memory_budget", "0.05"],
+    }.items():
+        cli = run_cli(tmp_path / name, *common, *extra)
+        curves[name] = [v for _, v in sorted(scalars(cli.trainer.log_dir)["train/loss"])]
+        peaks[name] = scalars(cli.trainer.log_dir)["gpu/peak_allocated_gib"][-1][1]
+        if name == "offloaded":
+            assert cli.model.offloader.held_bytes == 0  # every input came back
+        if name == "planned":
+            plan = cli.model.memory_plan
+            assert plan is not None and plan.kept + plan.recomputed + plan.offloaded == 2
+    for name in ("offloaded", "planned"):
+        worst = max(abs(a - b) for a, b in zip(curves["recomputed"], curves[name], strict=True))
+        assert worst < 0.02 * max(curves["recomputed"]), (name, worst, curves)

@@ -6,13 +6,18 @@ workloads: ``full`` (every row ``seq`` tokens) and ``sft`` (SFT-like lengths: lo
 by a token budget). tokens/s counts real tokens only.
 
     python tools/bench.py --against-peer PEER.py          # the five-row table: peer and qlit interleaved
+    python tools/bench.py --against-peer HF.py TRL.py UNSLOTH.py --lean   # the best peers; qlit also at their memory
+    python tools/bench.py --max-context qwen2.5-7b --against-peer UNSLOTH.py   # the longest row that trains
     python tools/bench.py --against-peer PEER.py --set cuda_graphs=false  # the same, qlit with other options
     python tools/bench.py --ablation                      # each optimisation added in turn, one process each
     python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
-``PEER.py`` is the standard recipe (transformers ``Trainer`` + peft + bitsandbytes), run as it is: it takes a JSON
-plan and prints one JSON line per configuration. Absolute numbers drift between machines and runs by 5-10 %:
-compare within one call, by the ratio.
+``PEER.py`` is a peer's script, run as it is: the standard recipe (transformers ``Trainer`` + peft + bitsandbytes),
+TRL's packing ``SFTTrainer`` or Unsloth; each takes a JSON plan and prints one JSON line per configuration
+(``--peer-path DIR`` goes first on the peers' ``PYTHONPATH``, for packages only they use). With several peers the
+table has a column per peer and qlit's ratios to the fastest peer of each row, speed and peak memory; ``--lean``
+adds qlit at a ``memory_budget`` of the leanest peer's peak on that row. Absolute numbers drift between machines
+and runs by 5-10 %: compare within one call, by the ratio.
 
 Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; qlit
 packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold), seq (longest row), steps (timed),
@@ -22,7 +27,8 @@ budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (au
 layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
 only for a float16 compute dtype | true: always, the QLoRA recipe), fused_lora (auto, the default | false: peft's
 LoRA forward), cuda_graphs (auto, the default: the layers that are not checkpointed replayed as CUDA graphs |
-false: eager), callbacks (true: qlit's measurement callbacks, false: none), logger (TensorBoard).
+false: eager), memory_budget (GiB, or "auto": ``gradient_checkpointing`` decides), callbacks (true: qlit's
+measurement callbacks, false: none), logger (TensorBoard).
 """
 
 from __future__ import annotations
@@ -181,6 +187,7 @@ def run(
     prepare_kbit: bool | str = "auto",
     fused_lora: bool | str = "auto",
     cuda_graphs: bool | str = "auto",
+    memory_budget: float | str = "auto",
 ) -> dict[str, Any]:
     """Train qlit on one configuration and return its measurements."""
     import lightning.pytorch as pl
@@ -207,6 +214,7 @@ def run(
         prepare_kbit=prepare_kbit,
         fused_lora=fused_lora,
         cuda_graphs=cuda_graphs,
+        memory_budget=memory_budget,
         optimizer=optimizer(optim),
         save_adapter=False,
     )
@@ -257,6 +265,9 @@ def run(
         cuda_graphs=f"{len(module.graphs.layers)} layers, {module.graphs.replays} replays" if module.graphs else None,
         attention=module.model.config._attn_implementation,
         kernels=module.kernels_applied,
+        memory_budget=memory_budget,
+        memory_plan=module.memory_plan.line() if module.memory_plan else None,
+        checkpointed=module.checkpointed_layers,
         tokens_per_s=round(tokens / elapsed),
         # The graphs' pool holds the activations they keep between replays outside the allocated count: add it.
         peak_alloc_gib=round((torch.cuda.max_memory_allocated() + module.graph_held_bytes) / 2**30, 2),
@@ -281,8 +292,8 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def _subprocess(argv: list[str]) -> dict[str, Any]:
-    done = subprocess.run(argv, capture_output=True, text=True)
+def _subprocess(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [line for line in _json_lines(done.stdout) if "tokens_per_s" in line or "error" in line]
     if not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -290,30 +301,137 @@ def _subprocess(argv: list[str]) -> dict[str, Any]:
     return lines[-1]
 
 
+#: What each peer's script takes beyond the standard recipe's plan keys, per workload: Unsloth's own checkpointing
+#: (activations offloaded to host memory) and, on SFT-length rows, its padding-free packed rows.
+PEER_KEYS: dict[str, Any] = {
+    "peer_unsloth": lambda workload: dict(padding_free=workload == "sft"),
+}
+
+
+def _peer_name(peer: str) -> str:
+    return os.path.splitext(os.path.basename(peer))[0]
+
+
+def _peer_env(peer_path: str | None) -> dict[str, str] | None:
+    if not peer_path:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (peer_path, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _link_models(model: str) -> None:
+    """The peers read their models from /tmp/models/NAME: the same saved model as qlit's."""
+    env_models = os.path.join("/tmp", "models")
+    os.makedirs(env_models, exist_ok=True)
+    link = os.path.join(env_models, model)
+    if not os.path.lexists(link):  # a link left dangling by a removed model stays (it resolves again)
+        os.symlink(os.path.join(MODELS_DIR, model), link)
+
+
+def run_peer(peer: str, spec: dict[str, Any], peer_path: str | None = None) -> dict[str, Any]:
+    """One configuration of a peer's script, in its own process."""
+    extra = PEER_KEYS.get(_peer_name(peer))
+    spec = {**spec, **(extra(spec["lengths"]) if extra else {})}
+    return _subprocess([sys.executable, peer, json.dumps([spec])], env=_peer_env(peer_path))
+
+
 def against_peer(
-    peer: str, steps: int, warmup: int, plan: list[tuple[str, str, int]], options: dict[str, Any] | None = None
+    peers: str | list[str],
+    steps: int,
+    warmup: int,
+    plan: list[tuple[str, str, int]],
+    options: dict[str, Any] | None = None,
+    lean: bool = False,
+    peer_path: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the peer recipe and qlit (its defaults, changed by ``options``) on each row of ``plan``, interleaved, each
-    in its own process."""
+    """Run each peer and qlit (its defaults, changed by ``options``; with ``lean`` also at a memory budget of the
+    leanest peer's peak) on each row of ``plan``, interleaved, each in its own process."""
+    peers = [peers] if isinstance(peers, str) else peers
     results = []
     for workload, model, bs in plan:
-        model_dir(model)  # both read the same saved model
+        model_dir(model)  # all read the same saved model
+        _link_models(model)
         peer_spec = dict(
             name=model, quant="nf4", bs=bs, seq=1024, steps=steps, warmup=warmup, ckpt=True,
             optim="paged_adamw_32bit", lengths=workload,
         )  # fmt: skip
-        env_models = os.path.join("/tmp", "models")
-        os.makedirs(env_models, exist_ok=True)
-        link = os.path.join(env_models, model)
-        if not os.path.lexists(link):  # a link left dangling by a removed model stays (it resolves again)
-            os.symlink(os.path.join(MODELS_DIR, model), link)
-        peer_out = _subprocess([sys.executable, peer, json.dumps([peer_spec])])
+        outs = {_peer_name(peer): run_peer(peer, peer_spec, peer_path) for peer in peers}
         qlit_spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup, **(options or {}))
         qlit_out = _subprocess([sys.executable, __file__, json.dumps([qlit_spec])])
-        row = dict(workload=workload, model=model, bs=bs, peer=peer_out, qlit=qlit_out)
+        row = dict(workload=workload, model=model, bs=bs, peers=outs, qlit=qlit_out)
+        if len(peers) == 1:
+            row["peer"] = next(iter(outs.values()))
+        peaks = [out["peak_alloc_gib"] for out in outs.values() if "tokens_per_s" in out]
+        if lean and peaks:
+            lean_spec = {**qlit_spec, "memory_budget": min(peaks), "ckpt": "auto"}
+            row["lean"] = _subprocess([sys.executable, __file__, json.dumps([lean_spec])])
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
+
+
+def trains_at(tool: str, model: str, length: int, memory_budget: Any, peer_path: str | None) -> dict[str, Any]:
+    """Train one packed row of ``length`` tokens for 3 steps (the last 2 timed) with qlit or a peer's script."""
+    if tool == "qlit":
+        spec = dict(
+            model=model, workload="full", bs=1, seq=length, steps=2, warmup=1, memory_budget=memory_budget,
+            callbacks=False, logger=False,
+        )  # fmt: skip
+        return _subprocess([sys.executable, __file__, json.dumps([spec])])
+    spec = dict(
+        name=model, quant="nf4", bs=1, seq=length, steps=2, warmup=1, ckpt=True, optim="paged_adamw_32bit",
+        lengths="full",
+    )  # fmt: skip
+    return run_peer(tool, spec, peer_path)
+
+
+def max_context(
+    tool: str,
+    model: str,
+    memory_budget: Any = "100%",
+    start: int = 8192,
+    limit: int = 262144,
+    step: int = 4096,
+    peer_path: str | None = None,
+) -> dict[str, Any]:
+    """The longest single packed row ``tool`` trains without running out of memory: doubling from ``start``, then
+    bisecting to ``step`` tokens; with tokens/s and peak memory at that length."""
+    model_dir(model)
+    _link_models(model)
+    tries: dict[int, dict[str, Any]] = {}
+
+    def ok(length: int) -> bool:
+        tries[length] = out = trains_at(tool, model, length, memory_budget, peer_path)
+        print(
+            json.dumps(
+                dict(tool=tool, length=length, **{k: out.get(k) for k in ("tokens_per_s", "peak_alloc_gib", "error")})
+            ),
+            flush=True,
+        )
+        return "tokens_per_s" in out
+
+    good, bad = 0, None
+    length = start
+    while length <= limit:
+        if not ok(length):
+            bad = length
+            break
+        good, length = length, length * 2
+    if bad is not None:
+        while bad - good > step:
+            mid = (good + bad) // 2 // step * step
+            if mid <= good:
+                break
+            if ok(mid):
+                good = mid
+            else:
+                bad = mid
+    best = tries.get(good, {})
+    return dict(
+        tool=tool if tool == "qlit" else _peer_name(tool), model=model, longest=good, failed_at=bad,
+        tokens_per_s=best.get("tokens_per_s"), peak_alloc_gib=best.get("peak_alloc_gib"),
+    )  # fmt: skip
 
 
 def ablation(steps: int, warmup: int, plan: list[tuple[str, str, int]]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -344,19 +462,32 @@ def ablation_table(plan: list[tuple[str, str, int]], rows: list[tuple[str, list[
     return "\n".join(lines)
 
 
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+    if key in a and key in b and b[key]:
+        return f"{a[key] / b[key]:.2f}×"
+    return "—"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| workload | model, batch | peer tokens/s (peak GiB) | qlit tokens/s (peak GiB) | qlit / peer |",
-        "|---|---|---:|---:|---:|",
-    ]
+    """One line per row: each peer's tokens/s (peak GiB), qlit's (and the lean budget's), and qlit's ratios to the
+    fastest peer of the row (speed, then peak memory; the lean run's memory against the leanest peer)."""
+    names = list(results[0]["peers"]) if results and "peers" in results[0] else ["peer"]
+    lean = any("lean" in row for row in results)
+    heads = [f"{name} tokens/s (GiB)" for name in names] + ["qlit tokens/s (GiB)", "qlit / best: speed, memory"]
+    if lean:
+        heads += ["qlit lean tokens/s (GiB)", "lean / leanest: speed, memory"]
+    lines = ["| workload | model, batch | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
     for row in results:
-        peer, ours = row["peer"], row["qlit"]
-        ratio = (
-            f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}×"
-            if "tokens_per_s" in ours and "tokens_per_s" in peer
-            else "—"
-        )
-        lines.append(f"| {row['workload']} | {row['model']}, {row['bs']} | {_cell(peer)} | {_cell(ours)} | {ratio} |")
+        peers = row.get("peers") or {"peer": row["peer"]}
+        ran = [out for out in peers.values() if "tokens_per_s" in out]
+        best = max(ran, key=lambda out: out["tokens_per_s"], default={})
+        leanest = min(ran, key=lambda out: out["peak_alloc_gib"], default={})
+        cells = [_cell(peers[name]) for name in names] + [_cell(row["qlit"])]
+        cells.append(f"{_ratio(row['qlit'], best, 'tokens_per_s')}, {_ratio(row['qlit'], best, 'peak_alloc_gib')}")
+        if lean:
+            out = row.get("lean", {})
+            cells += [_cell(out), f"{_ratio(out, leanest, 'tokens_per_s')}, {_ratio(out, leanest, 'peak_alloc_gib')}"]
+        lines.append(f"| {row['workload']} | {row['model']}, {row['bs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -396,7 +527,13 @@ def _options(pairs: list[str] | None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", nargs="?", help="JSON list of qlit specs (see the module docstring)")
-    parser.add_argument("--against-peer", metavar="PEER.py", help="the standard recipe's script, run as it is")
+    parser.add_argument(
+        "--against-peer", nargs="+", metavar="PEER.py", help="peers' scripts, run as they are (one column each)"
+    )
+    parser.add_argument("--peer-path", metavar="DIR", help="put first on the peers' PYTHONPATH (their own packages)")
+    parser.add_argument("--lean", action="store_true", help="also qlit at a memory budget of the leanest peer's peak")
+    parser.add_argument("--max-context", metavar="MODEL", help="the longest packed row MODEL trains, qlit and peers")
+    parser.add_argument("--budget", default="100%", help="--max-context: qlit's memory_budget (GiB or a share)")
     parser.add_argument("--ablation", action="store_true", help="qlit alone, one optimisation added per row")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -417,9 +554,23 @@ def main(argv: list[str] | None = None) -> None:
         plan = _plan(args.only, ABLATION_PLAN)
         print(ablation_table(plan, ablation(args.steps, args.warmup, plan)))
         return
+    if args.max_context:
+        if args.max_context not in QWEN25:
+            raise SystemExit(f"--max-context {args.max_context!r}: expected one of {', '.join(sorted(QWEN25))}.")
+        budget = json.loads(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
+        rows = [max_context("qlit", args.max_context, budget)]
+        rows += [max_context(peer, args.max_context, peer_path=args.peer_path) for peer in args.against_peer or []]
+        print("| tool | longest row (tokens) | fails at | tokens/s there | peak GiB |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            cells = (r["tool"], f"{r['longest']:,}", r["failed_at"] or "—", r["tokens_per_s"], r["peak_alloc_gib"])
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+        return
     if args.against_peer:
         plan = _plan(args.only, PLAN)
-        results = against_peer(args.against_peer, args.steps, args.warmup, plan, options)
+        results = against_peer(
+            args.against_peer, args.steps, args.warmup, plan, options, lean=args.lean, peer_path=args.peer_path
+        )
         if options:  # the table says which qlit it measured
             print("qlit with " + ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) + ":")
         print(table(results))

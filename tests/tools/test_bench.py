@@ -78,3 +78,42 @@ def test_options_for_the_table_are_spec_keys_read_as_json_and_a_bad_one_is_one_s
             bench._options([bad])
     with pytest.raises(SystemExit, match="--set applies to --against-peer"):
         bench.main(['[{"model": "qwen2.5-0.5b"}]', "--set", "compile=true"])
+
+
+def test_the_table_has_a_column_per_peer_and_ratios_to_the_best_of_each_row() -> None:
+    bench = _bench()
+    row = dict(
+        workload="full",
+        model="qwen2.5-7b",
+        bs=4,
+        peers={
+            "peer_hf": dict(tokens_per_s=6000, peak_alloc_gib=17.0),
+            "peer_unsloth": dict(tokens_per_s=9000, peak_alloc_gib=6.0),
+            "peer_trl": dict(error="exit 1: OOM"),
+        },
+        qlit=dict(tokens_per_s=13500, peak_alloc_gib=12.0),
+        lean=dict(tokens_per_s=10800, peak_alloc_gib=5.4),
+    )
+    text = bench.table([row])
+    head, _, line = text.splitlines()
+    assert "peer_hf tokens/s" in head and "peer_unsloth tokens/s" in head and "qlit lean" in head
+    assert "9,000 (6.00)" in line and "error: exit 1: OOM" in line
+    assert "1.50×, 2.00×" in line  # qlit against the fastest peer (Unsloth): speed, memory
+    assert "1.20×, 0.90×" in line  # lean against the leanest peer (Unsloth too here)
+
+
+def test_max_context_doubles_then_bisects_to_the_longest_row_that_trains(monkeypatch) -> None:
+    bench = _bench()
+    tried = []
+
+    def trains_at(tool, model, length, budget, peer_path):
+        tried.append(length)
+        return dict(tokens_per_s=1000, peak_alloc_gib=1.0) if length <= 50_000 else dict(error="OOM")
+
+    monkeypatch.setattr(bench, "trains_at", trains_at)
+    monkeypatch.setattr(bench, "model_dir", lambda name: name)
+    monkeypatch.setattr(bench, "_link_models", lambda name: None)
+    out = bench.max_context("qlit", "qwen2.5-7b", start=8192, step=4096)
+    assert tried[:4] == [8192, 16384, 32768, 65536]  # doubling until a row fails
+    assert out["longest"] == 49152 and out["failed_at"] - out["longest"] <= 4096
+    assert out["tokens_per_s"] == 1000
