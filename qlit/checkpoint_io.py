@@ -1,11 +1,14 @@
 """Checkpoints written beside their target and loaded without running code (the Ctrl+C checkpoint is the
-``interrupt`` callback, :mod:`qlit.callbacks.interrupt`)."""
+``interrupt`` callback, :mod:`qlit.callbacks.interrupt`); a checkpoint or adapter file that is empty, truncated or
+foreign is one sentence naming it, found before any weight of the base is loaded."""
 
 from __future__ import annotations
 
 import errno
 import os
 import re
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qlit.errors import QlitError
 from qlit.io import atomic_file, remove_stale
+
+#: The adapter weights peft writes, in the order ``PeftModel.from_pretrained`` looks for them.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# What a file written by torch.save starts with: a zip archive (the format since PyTorch 1.6), or a pickle (legacy).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+#: What Lightning writes into every checkpoint it saves, and reads first when loading one.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 
 # The run folders of Lightning's loggers: a new run writes into a new version_N beside the killed one's.
 _VERSION = re.compile(r"^version_\d+$")
@@ -89,3 +100,132 @@ def _no_space(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def read_checkpoint(path: str | os.PathLike, what: str, *, hint: str | None = None) -> dict[str, Any]:
+    """A Lightning checkpoint, loaded without running code and memory-mapped (its tensors are read when used).
+
+    Args:
+        path: the checkpoint file.
+        what: how the sentence names it (``"checkpoint 'last.ckpt'"``).
+        hint: what to add to the sentence for a file that loads but is not a Lightning checkpoint.
+
+    Raises:
+        QlitError: the file is missing, empty, truncated, not written by ``torch.save``, holds Python objects other
+            than tensors and containers, or is not a Lightning checkpoint (no ``state_dict``, or no Lightning
+            version: Lightning's loader fails on such a file with a bare ``KeyError``).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise QlitError(f"{what} cannot be read: {err.strerror or err}.") from None
+    ending = f"; {hint}." if hint else "."
+    if not head:
+        raise QlitError(f"{what} cannot be read as a checkpoint: it is empty (0 bytes), so its save did not finish.")
+    if head[8:9] == b"{" and not head.startswith(_ZIP_MAGIC):  # 8 bytes of header length, then the JSON header
+        raise QlitError(f"{what} is not a Lightning checkpoint: it is a safetensors file of weights{ending}")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise QlitError(f"{what} cannot be read as a checkpoint: it is not a file written by torch.save.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol of a legacy file
+            # The legacy (pickle) format cannot be memory-mapped.
+            checkpoint = torch.load(path, map_location="cpu", mmap=head.startswith(_ZIP_MAGIC), weights_only=True)
+    except Exception as err:  # torch.load's failures have no common type: zip, unpickling, EOF, OS errors
+        raise QlitError(f"{what} cannot be read as a checkpoint: it {_unreadable(err, head)}.") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        kind = "a dict without one" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise QlitError(f"{what} is not a Lightning checkpoint: it holds no state_dict ({kind}){ending}")
+    if LIGHTNING_VERSION_KEY not in checkpoint:  # Lightning's loader needs it to migrate the checkpoint
+        raise QlitError(
+            f"{what} is not a Lightning checkpoint: it records no {LIGHTNING_VERSION_KEY}, so Lightning did not "
+            f"write it{ending}"
+        )
+    return checkpoint
+
+
+def adapter_weight_names(adapter_dir: str | os.PathLike, what: str) -> list[str]:
+    """The tensor names in a peft adapter's weights file, read from its header (the tensors are not loaded).
+
+    Args:
+        adapter_dir: the adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
+        what: how the sentence names the adapter (``"Adapter 'logs/x/adapter'"``).
+
+    Raises:
+        QlitError: no weights file, or one that is empty, truncated or not in its format.
+    """
+    directory = Path(adapter_dir)
+    found = next((directory / name for name in ADAPTER_WEIGHTS if (directory / name).is_file()), None)
+    if found is None:
+        raise QlitError(f"{what} holds no weights: {ADAPTER_WEIGHTS[0]} is missing beside its adapter_config.json.")
+    if found.suffix == ".bin":
+        return list(read_checkpoint_file(found, f"'{found}'"))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(found), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        reason = _first_line(err, type(err).__name__).removeprefix("Error while deserializing header: ")
+        message = f"'{found}' is truncated or not a safetensors file ({reason}): save the adapter again."
+        raise QlitError(message) from None
+
+
+def read_checkpoint_file(path: Path, what: str) -> dict[str, Any]:
+    """A ``torch.save`` file of tensors (peft's legacy ``adapter_model.bin``), or one sentence naming ``what``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # as in read_checkpoint: no common type
+        raise QlitError(f"{what} cannot be read: it {_unreadable(err, path.read_bytes()[:4])}.") from None
+    if not isinstance(state, dict):
+        raise QlitError(f"{what} holds a {type(state).__name__}, not a mapping of tensor names to tensors.")
+    return state
+
+
+def adapter_misfit(peft_model: Any, names: Iterable[str]) -> str | None:
+    """Why the adapter weights ``names`` (from :func:`adapter_weight_names`) do not fit ``peft_model``, the base with
+    that adapter loaded onto it, or ``None`` where every one of them has a place.
+
+    peft loads an adapter with ``strict=False``: weights of modules the base lacks (an adapter of a deeper or other
+    model) are dropped without a word, and modules without weights (an adapter of a shallower model) keep their
+    initialisation after a warning, so the merged or evaluated model would silently lack part of the adapter.
+    """
+    from peft import get_peft_model_state_dict
+
+    names = set(names)
+    # save_embedding_layers=True: an adapter that trained resized embeddings carries them, and they have a place.
+    places = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    unplaced = sorted(names - places)
+    if unplaced:
+        return (
+            f"it holds {len(unplaced)} weight(s) for modules the base lacks (e.g. '{unplaced[0]}'), so it was trained "
+            "on a larger model or another architecture"
+        )
+    unfilled = sorted(set(get_peft_model_state_dict(peft_model, save_embedding_layers=False)) - names)
+    if unfilled:
+        return (
+            f"it has no weights for {len(unfilled)} of the modules it adapts on this base (e.g. '{unfilled[0]}'), so "
+            "it was trained on a smaller model or another architecture"
+        )
+    return None
+
+
+def _unreadable(err: BaseException, head: bytes) -> str:
+    """What is wrong with a file that ``torch.load(weights_only=True)`` refused, as the end of a sentence."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if found:
+        return (
+            f"holds a Python object ({found[1]}) beside its tensors, which qlit does not load since loading it would "
+            "run code from the file"
+        )
+    zipped = head.startswith(_ZIP_MAGIC)
+    return f"is truncated or corrupt ({'its zip archive' if zipped else 'its pickle stream'} is incomplete)"
+
+
+def _first_line(err: BaseException, fallback: str) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else fallback

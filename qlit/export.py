@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from qlit.checkpoint_io import adapter_weight_names, read_checkpoint
 from qlit.errors import QlitError
 from qlit.hub import looks_local
 from qlit.io import atomic_dir
+from qlit.models.adapters import load_adapter
 from qlit.models.loading import load_causal_lm, load_tokenizer, resolve_pretrained
 from qlit.models.quantization import DTypeName, Quantization, to_dtype
 from qlit.module import QLitModule
@@ -87,11 +89,9 @@ def export_merged(
             adapter does not fit the base.
     """
     source, out_dir = Path(adapter).expanduser(), Path(output).expanduser()
-    if source.suffix == ".ckpt":
-        if not source.is_file():
-            raise QlitError(f"Checkpoint '{adapter}' does not exist.")
-    elif not (source / ADAPTER_CONFIG).is_file():
-        raise QlitError(f"Adapter directory '{adapter}' does not exist or holds no {ADAPTER_CONFIG} (peft format).")
+    if (source / ADAPTER_CONFIG).is_file():
+        _refuse_prompt_learning(read_peft_config(source, str(adapter)), str(adapter))
+    check_trained(source, str(adapter), plain_model="it is a plain model already, with nothing to merge")
     _refuse_overwriting(out_dir, source)
     if out_dir.exists() and not out_dir.is_dir():
         raise QlitError(f"Output '{output}' is a file, not a directory.")
@@ -129,11 +129,7 @@ def _merge_into_base(
     trust_remote_code: bool,
 ) -> Path:
     peft_config = read_peft_config(adapter_dir, name)
-    if peft_config.is_prompt_learning:
-        raise QlitError(
-            f"Adapter '{name}' is {peft_config.peft_type.value}, which learns virtual tokens fed beside the input "
-            "rather than a change of weights, so there is nothing to merge: load it with peft.PeftModel instead."
-        )
+    _refuse_prompt_learning(peft_config, name)
     spec = _read_base(adapter_dir, name, peft_config, base, quantization)
     spec.quantization.backend.check_export(name, dequantize=dequantize)
     if looks_local(spec.pretrained):
@@ -157,6 +153,14 @@ def _merge_into_base(
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
     return out_dir
+
+
+def _refuse_prompt_learning(peft_config: Any, name: str) -> None:
+    if peft_config.is_prompt_learning:
+        raise QlitError(
+            f"Adapter '{name}' is {peft_config.peft_type.value}, which learns virtual tokens fed beside the input "
+            "rather than a change of weights, so there is nothing to merge: load it with peft.PeftModel instead."
+        )
 
 
 def _read_base(
@@ -191,29 +195,77 @@ def _read_base(
     return spec
 
 
+def check_trained(source: Path, name: str, *, plain_model: str) -> None:
+    """Refuse, before any weight is loaded, what is not a readable adapter directory or qlit checkpoint.
+
+    Args:
+        source: an adapter directory (peft format) or a checkpoint file of a qlit run.
+        name: how the sentence names it (as the user gave it).
+        plain_model: what to say of a directory that holds a plain model (``config.json``) instead of an adapter.
+
+    Raises:
+        QlitError: a missing path, an empty, truncated or foreign checkpoint, an empty directory, a directory without
+            ``adapter_config.json`` (or with one peft cannot read), or adapter weights that are missing or corrupt.
+    """
+    if source.is_file():
+        read_checkpoint(source, f"Checkpoint '{name}'")
+        return
+    if not source.is_dir():
+        raise QlitError(
+            f"'{name}' does not exist: pass an adapter directory (with {ADAPTER_CONFIG}) or a run's checkpoint (.ckpt)."
+        )
+    if not (source / ADAPTER_CONFIG).is_file():
+        inside = [p for p in (source / "adapter", source / "checkpoints" / "last.ckpt") if p.exists()]
+        if inside:
+            hint = f"did you mean '{inside[0]}'?"
+        elif (source / "config.json").is_file():
+            hint = f"it holds a model (config.json), not an adapter: {plain_model}."
+        elif not any(source.iterdir()):
+            hint = "it is empty."
+        else:
+            hint = "it is not an adapter in peft format."
+        raise QlitError(f"Adapter directory '{name}' holds no {ADAPTER_CONFIG}: {hint}")
+    read_peft_config(source, name)
+    adapter_weight_names(source, f"Adapter '{name}'")
+
+
 def _adapter_from_checkpoint(ckpt: Path, run_config: Path, directory: str, device: torch.device | None = None) -> None:
     # A checkpoint holds only the adapter's tensors (QLitModule.on_save_checkpoint); which adapter and base they
     # belong to is in the run's config, so the run's module is rebuilt from it to write them in peft format.
     import yaml
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentError, ArgumentParser
 
+    checkpoint = read_checkpoint(ckpt, f"Checkpoint '{ckpt}'")  # before any weight of the base is loaded
     if not run_config.is_file():
         raise QlitError(
             f"No run config '{run_config}' beside checkpoint '{ckpt}': pass --run_config with the run's config.yaml."
         )
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(QLitModule, "model", required=True)
-    model_config = (yaml.safe_load(run_config.read_text()) or {}).get("model")
+    try:
+        config = yaml.safe_load(run_config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise QlitError(f"Run config '{run_config}' is not valid YAML: {str(err).splitlines()[0]}.") from None
+    model_config = config.get("model") if isinstance(config, dict) else None
     if model_config is None:
         raise QlitError(f"Run config '{run_config}' has no model section.")
-    module = parser.instantiate(parser.parse_object({"model": model_config})).model
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(QLitModule, "model", required=True)
+    try:
+        module = parser.instantiate(parser.parse_object({"model": model_config})).model
+    except ArgumentError as err:
+        from qlit.parse_errors import concise_parse_error
+
+        raise QlitError(
+            f"The model section of run config '{run_config}' is not a qlit model: {concise_parse_error(str(err))}."
+        ) from None
     if not module.has_adapter:
         raise QlitError(f"Checkpoint '{ckpt}' is of a full fine-tuning run: it holds no adapter to merge.")
     if device is not None:
         module.to(device)  # configure_model loads the base onto the module's device
     module.configure_model()
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # Lightning's own format, optimizer included
-    module.on_load_checkpoint(checkpoint)
+    try:
+        module.on_load_checkpoint(checkpoint)
+    except QlitError as err:  # without a trainer the module knows the file as "the checkpoint"
+        raise QlitError(str(err).replace("the checkpoint", f"checkpoint '{ckpt}'", 1)) from None
     unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False).unexpected_keys
     if unexpected:
         raise QlitError(f"Checkpoint '{ckpt}' holds '{unexpected[0]}', which the model of '{run_config}' lacks.")
@@ -231,13 +283,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _merge(model: Any, adapter_dir: Path, name: str, spec: _Base) -> Any:
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as err:  # a state-dict mismatch: the adapter trained on another base
-        reason = str(err).strip().splitlines()[0]
-        raise QlitError(f"Adapter '{name}' does not fit base '{spec.pretrained}': {reason}") from None
+    peft_model = load_adapter(model, adapter_dir, spec.pretrained, what=f"Adapter '{name}'", is_trainable=False)
     try:
         # safe_merge: peft checks the merged weights for NaN/inf before they replace the base's.
         return peft_model.merge_and_unload(safe_merge=True)
@@ -266,6 +312,9 @@ def export_main(argv: list[str] | None = None) -> Path:
     """
     from jsonargparse import auto_cli
 
+    from qlit.trainer_cli import quiet_console
+
+    quiet_console()
     out = auto_cli(
         export_merged,
         args=argv,
@@ -282,9 +331,14 @@ def read_peft_config(adapter_dir: Path, name: str) -> Any:
     """The adapter's ``PeftConfig``; one sentence naming the adapter (``name``) where peft cannot read it."""
     from peft import PeftConfig
 
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = f"{err.msg}, line {err.lineno}" if isinstance(err, json.JSONDecodeError) else str(err).splitlines()[0]
+        raise QlitError(f"The adapter config of '{name}' ({ADAPTER_CONFIG}) is not valid JSON ({reason}).") from None
     try:
         return PeftConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, KeyError, TypeError) as err:  # e.g. a peft_type this peft version does not know
-        raise QlitError(
-            f"peft cannot read the adapter config of '{name}': {str(err).strip().splitlines()[0]}"
-        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # e.g. a peft_type this peft does not know
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QlitError(f"peft cannot read the adapter config of '{name}': {reason}") from None

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, Trainer
@@ -20,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning, rank_zero_info
 
 from qlit.callbacks import ALWAYS_ON
-from qlit.checkpoint_io import AtomicCheckpointIO
+from qlit.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
 from qlit.module import CHECKPOINT_BASE_KEY, QLitModule
@@ -308,28 +307,11 @@ def read_ckpt_path(ckpt_path: Any, subcommand: str) -> dict[str, Any] | None:
         inside = next((c for c in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()), None)
         hint = f"did you mean '{inside}'?" if inside else "give one of the .ckpt files in it."
         raise QlitError(f"ckpt_path '{name}' is a directory, not a checkpoint file: {hint}")
-    checkpoint = _read_checkpoint(path, name)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise QlitError(
-            f"ckpt_path '{name}' is not a Lightning checkpoint (it holds no state_dict); a trained adapter in peft "
-            "format is loaded with model.init_args.adapter_path."
-        )
+    hint = "a trained adapter in peft format is loaded with model.init_args.adapter_path"
+    checkpoint = read_checkpoint(path, f"ckpt_path '{name}'", hint=hint)
     if subcommand == "fit" and "optimizer_states" not in checkpoint:
         raise QlitError(
             f"ckpt_path '{name}' holds weights only (no optimizer state), so fit cannot resume from it: evaluate it "
             "with validate, test or predict."
         )
     return {CHECKPOINT_BASE_KEY: checkpoint[CHECKPOINT_BASE_KEY]} if CHECKPOINT_BASE_KEY in checkpoint else {}
-
-
-def _read_checkpoint(path: Path, name: str) -> Any:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
-    except Exception as err:  # torch.load's failures have no common type: zip, unpickling, EOF, OS errors
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QlitError(f"ckpt_path '{name}' cannot be read as a checkpoint (truncated or not one): {reason}") from None

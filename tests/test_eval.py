@@ -12,16 +12,17 @@ import pytest
 import torch
 from helpers import ROOT, run_cli, run_main, scalars
 from peft import LoraConfig, PeftModel, PromptTuningConfig
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from qlit.study.compare import collect_runs, table
-from qlit.study.compare import main as compare_main
 from qlit.errors import QlitError
 from qlit.evaluate import evaluate_model
 from qlit.export import export_merged
 from qlit.models.loading import load_causal_lm, load_tokenizer
 from qlit.models.quantization import Quantization
 from qlit.module import QLitModule
+from qlit.study.compare import collect_runs, table
+from qlit.study.compare import main as compare_main
 
 #: Task YAMLs beside this file; their data is qlit_mc.jsonl in the working folder, which the tests write.
 TASKS = ROOT / "tests" / "eval_tasks"
@@ -230,8 +231,9 @@ def test_unquantized_adapter_and_its_export_score_alike_and_a_group_is_one_colum
 # ----- bad input: one sentence each, before any weight loads ----------------------------------------------------------
 @pytest.fixture
 def adapter_dir(tmp_path) -> Path:
-    """An adapter directory as peft writes it (its weights are never reached by these tests)."""
+    """An adapter directory as peft writes it (its weights, zeros here, are never loaded by these tests)."""
     PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4).save_pretrained(tmp_path / "adapter")
+    save_file({"prompt_embeddings": torch.zeros(4, 64)}, tmp_path / "adapter" / "adapter_model.safetensors")
     return tmp_path / "adapter"
 
 
@@ -247,7 +249,7 @@ def test_a_missing_adapter_is_named(tmp_path, capsys):
     code, err = eval_error(capsys, "--adapter", str(tmp_path / "no-such"), "--tasks", "qlit_mc")
     assert code == 1 and str(tmp_path / "no-such") in err and "adapter_config.json" in err
     code, err = eval_error(capsys, "--adapter", str(tmp_path / "last.ckpt"), "--tasks", "qlit_mc")
-    assert code == 1 and "Checkpoint" in err
+    assert code == 1 and f"'{tmp_path / 'last.ckpt'}' does not exist" in err and "checkpoint" in err
     code, err = eval_error(capsys, "--tasks", "qlit_mc")
     assert code == 1 and "--adapter" in err and "--model" in err
 
@@ -299,6 +301,123 @@ def test_builtin_tasks_unknown_or_offline(adapter_dir, capsys):
     assert code == 1 and "'hellaswag'" in err and "hellaswag.yaml" in err and "dataset_path: json" in err
 
 
+# ----- lm-eval's own command line, and a console that carries its table and qlit's lines only -------------------------
+@pytest.mark.slow
+def test_lm_evals_command_line_runs_and_the_console_holds_the_table_and_qlits_lines_only(workdir, tmp_path):
+    """`lm-eval run`'s options for an adapter (``--model hf --model_args pretrained=..,peft=.. --gen_kwargs ...``),
+    through the ``qlit`` console entry in a folder outside any git repository: the scores land where lm-eval puts
+    them, the generation settings reach the generating task, stdout holds lm-eval's table and qlit's lines, and
+    stderr nothing (neither git's ``fatal:``, nor a FutureWarning, nor a progress bar)."""
+    outside_git = subprocess.run(["git", "rev-parse"], cwd=workdir, capture_output=True)
+    assert outside_git.returncode != 0  # where lm-eval's `git describe` makes git print its `fatal:` line
+    torch.manual_seed(0)
+    module = QLitModule(pretrained="qlit-tiny/qwen2", adapter=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    module.configure_model()
+    module.save_adapter_to(tmp_path / "adapter")  # peft's loading raises a FutureWarning of transformers' here
+    out = tmp_path / "scores.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "qlit", "eval", "--model", "hf",
+            "--model_args", f"pretrained=qlit-tiny/qwen2,peft={tmp_path / 'adapter'},dtype=float32",
+            "--tasks", "qlit_mc", "qlit_gen", "--include_path", str(TASKS), "--batch_size", "4",
+            "--gen_kwargs", "max_gen_toks=2", "--output_path", str(out), "--log_samples",
+        ],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith(("|", "qlit eval: "))] == []
+    assert any(line.startswith("|qlit_mc ") and "|acc " in line for line in lines)  # lm-eval's table
+    assert any(line.startswith("|qlit_gen") and "|exact_match|" in line for line in lines)
+
+    # lm-eval's results file for a .json --output_path: <name>_<time>.json, the samples beside it.
+    (results_file,) = tmp_path.glob("scores_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["qlit"]["adapter"] == str(tmp_path / "adapter")
+    assert results["qlit"]["base"] == "qlit-tiny/qwen2" and results["qlit"]["dtype"] == "float32"
+    assert results["config"]["gen_kwargs"] == {"max_gen_toks": 2}
+    assert results["configs"]["qlit_gen"]["generation_kwargs"]["max_gen_toks"] == 2  # the task's own said 8
+    (samples,) = tmp_path.glob("samples_qlit_gen_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == len(ROWS)
+    for row in rows:  # each request the model got: the task's settings, updated by --gen_kwargs
+        (request,) = row["arguments"]
+        assert request[1] == {"until": ["\n"], "max_gen_toks": 2, "do_sample": False}
+        assert row["resps"][0][0]  # it generated
+
+
+@pytest.fixture
+def handed_over(monkeypatch) -> list[dict]:
+    """What `qlit eval`'s command line hands :func:`evaluate_model`, which stops there (nothing is loaded)."""
+    calls: list[dict] = []
+
+    def record(**options):
+        calls.append(options)
+        raise QlitError("stopped here")
+
+    monkeypatch.setattr("qlit.evaluate.evaluate_model", record)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--model", "hf", "--model_args", "pretrained=org/model,dtype=bfloat16,revision=v2,trust_remote_code=True"],
+            {"model": "org/model", "adapter": None, "dtype": "bfloat16", "revision": "v2", "trust_remote_code": True},
+        ),
+        (["--adapter", "run/adapter", "--model_args", "pretrained=copies/base"], {"base": "copies/base"}),
+        # lm-eval's other forms: several key=value arguments, or one JSON object; peft= is the adapter.
+        (
+            ["--model_args", "pretrained=copies/base", "peft=run/adapter", "max_length=64"],
+            {"adapter": "run/adapter", "base": "copies/base", "model": None, "max_length": 64},
+        ),
+        (["--model_args", '{"pretrained": "org/model", "batch_size": 2}'], {"model": "org/model", "batch_size": 2}),
+        (
+            ["--model", "m", "--model_args", "load_in_4bit=True,bnb_4bit_quant_type=nf4,bnb_4bit_compute_dtype=bf16"],
+            {"quantization": Quantization(mode="nf4", compute_dtype="bfloat16", double_quant=False)},
+        ),
+        (  # transformers' BitsAndBytesConfig defaults: FP4, float32 compute
+            ["--model", "m", "--model_args", "load_in_4bit=True"],
+            {"quantization": Quantization(mode="fp4", compute_dtype="float32", double_quant=False)},
+        ),
+        (["--model", "m", "--model_args", "load_in_8bit=True"], {"quantization": Quantization(mode="int8")}),
+        (["--model", "m", "--output_path", "scores"], {"output": "scores"}),
+        (["--model", "m", "--output", "scores"], {"output": "scores"}),  # qlit's earlier name
+        (
+            ["--model", "m", "--gen_kwargs", "temperature=0,until=['\\n']", "max_gen_toks=5"],
+            {"gen_kwargs": {"temperature": 0, "until": ["\n"], "max_gen_toks": 5}},
+        ),
+        (["--model", "m", "--tasks", "qlit_gen", "qlit_mc_group"], {"tasks": ["qlit_gen", "qlit_mc_group"]}),
+    ],
+)
+def test_lm_evals_option_names_set_qlits_options(handed_over, capsys, args, expected):
+    tasks = [] if "--tasks" in args else ["--tasks", "qlit_mc"]
+    assert run_main("eval", *args, *tasks) == 1
+    (options,) = handed_over
+    assert {name: options.get(name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--model", "m", "--model_args", "parallelize=True"], "'parallelize' has no meaning in qlit eval"),
+        (["--model", "hf", "--model_args", "dtype=float32"], "--model_args pretrained="),
+        (["--model", "m", "--device", "cpu", "--model_args", "device=cuda"], "--device cpu and --model_args device"),
+        (["--model", "m", "--model_args", "pretrained=other"], "--model m and --model_args pretrained disagree"),
+        (["--model", "m", "--model_args", "batch_size=auto"], "batch_size=auto must be a whole number"),
+        (["--model", "m", "--model_args", "bnb_4bit_quant_type=nf4"], "load_in_4bit=True"),
+        (["--model", "m", "--quantization", "nf4", "--model_args", "load_in_8bit=True"], "--quantization and"),
+        (["--model", "m", "--model_args", "dtype=int3"], "dtype 'int3'"),
+        (["--model", "m", "--gen_kwargs", "greedy"], "--gen_kwargs 'greedy' is not key=value"),
+    ],
+)
+def test_a_model_arg_without_a_meaning_here_is_one_sentence(capsys, args, named):
+    code, err = eval_error(capsys, *args, "--tasks", "qlit_mc")
+    assert code == 1 and named in err
+
+
 def test_eval_help_lists_its_options_without_loading_torch():
     code = (
         "import sys; from qlit.cli import main\n"
@@ -309,4 +428,5 @@ def test_eval_help_lists_its_options_without_loading_torch():
     assert done.stdout.strip().endswith("[]"), done.stdout
     for option in ("--adapter", "--model", "--tasks", "--limit", "--num_fewshot", "--batch_size", "--device"):
         assert option in done.stdout, option
-    assert "--output" in done.stdout and "--include_path" in done.stdout
+    for option in ("--output_path", "--include_path", "--model_args", "--gen_kwargs"):  # lm-eval's names
+        assert option in done.stdout, option

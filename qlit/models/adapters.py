@@ -59,6 +59,11 @@ def adapter_base(adapter_path: str) -> str | None:
     adapter was trained on, which says nothing about this one.
     """
     path = Path(adapter_path).expanduser()
+    if path.is_file():
+        raise QlitError(
+            f"model.adapter_path '{adapter_path}' is a file, not an adapter directory (peft format): a checkpoint "
+            "is loaded with --ckpt_path."
+        )
     if not (path / "adapter_config.json").is_file():
         raise QlitError(f"model.adapter_path '{adapter_path}' holds no adapter_config.json (peft format).")
     record = path / QLIT_BASE_FILE
@@ -78,16 +83,39 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def load_adapter(model: Any, adapter_path: str, pretrained: str) -> Any:
-    """``model`` with the trained adapter in ``adapter_path`` loaded onto it, trainable; one sentence if it does not
-    fit (modules the base lacks, or weights of other shapes)."""
+def load_adapter(
+    model: Any, adapter_path: str | Path, pretrained: str, *, what: str | None = None, is_trainable: bool = True
+) -> Any:
+    """``model`` with the trained adapter in ``adapter_path`` loaded onto it; one sentence if its weights file is
+    unreadable or it does not fit (modules the base lacks or lacks weights for, or weights of other shapes).
+
+    Args:
+        model: the base.
+        adapter_path: the adapter directory (peft format).
+        pretrained: the base's name, for the sentence.
+        what: how the sentence names the adapter (``None``: ``model.adapter_path '...'``).
+        is_trainable: load it for training (else frozen, for inference or a merge).
+    """
+    import warnings
+
     from peft import PeftModel
 
+    from qlit.checkpoint_io import adapter_misfit, adapter_weight_names
+
+    what = what or f"model.adapter_path '{adapter_path}'"
+    path = str(Path(adapter_path).expanduser())
+    _read_json(Path(path) / "adapter_config.json")
+    names = adapter_weight_names(path, what)
     try:
-        return PeftModel.from_pretrained(model, str(Path(adapter_path).expanduser()), is_trainable=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # adapter_misfit says it below
+            peft_model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
-        reason = _reason(err)
-        raise QlitError(f"model.adapter_path '{adapter_path}' does not fit base '{pretrained}': {reason}") from None
+        raise QlitError(f"{what} does not fit base '{pretrained}': {_reason(err)}") from None
+    misfit = adapter_misfit(peft_model, names)
+    if misfit is not None:
+        raise QlitError(f"{what} does not fit base '{pretrained}': {misfit}.")
+    return peft_model
 
 
 def _reason(err: BaseException) -> str:
@@ -95,4 +123,5 @@ def _reason(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     named = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     reason = (named or lines or [type(err).__name__])[0]
+    reason = reason.split(". Please ")[0]  # peft's advice to check the target modules: the sentence says it
     return reason if reason.endswith(".") else reason + "."
