@@ -134,7 +134,7 @@ def evaluate_model(
 
     Args:
         tasks: lm-eval task, group or tag names (``mmlu``, ``hellaswag``, ``arc_easy``), or paths of task YAML
-            files; a string is split at commas.
+            files; each name is split at commas, as lm-eval does.
         adapter: a trained adapter in peft format (``logs/<name>/version_N/adapter``), or a checkpoint of a qlit run
             (``logs/<name>/version_N/checkpoints/last.ckpt``).
         model: instead of ``adapter``, a plain model: a ``qlit export`` directory, another local model, or a hub id.
@@ -185,7 +185,7 @@ def evaluate_model(
     if output is not None and Path(output).expanduser().is_file() and Path(output).suffix != ".json":
         raise QlitError(f"--output_path '{output}' is a file: pass a folder, or a .json file name, for the results.")
     if max_length is not None and max_length < 1:
-        raise QlitError(f"max_length must be 1 or more, got {max_length}.")
+        raise QlitError(f"max_length (the model's context, in tokens) must be 1 or more, got {max_length}.")
     dtype = _check_dtype(dtype)
     source = _source(adapter, model, run_config, log_dir)
     include = str(Path(include_path).expanduser()) if include_path is not None else None
@@ -289,6 +289,8 @@ def _source(
     run_dir = Path(log_dir).expanduser() if log_dir is not None else None
     if model is not None:
         if looks_local(model) and not (Path(model).expanduser() / "config.json").is_file():
+            if (Path(model).expanduser() / ADAPTER_CONFIG).is_file():
+                raise QlitError(f"'{model}' holds an adapter ({ADAPTER_CONFIG}), not a model: pass it with --adapter.")
             raise QlitError(f"Model directory '{model}' does not exist or holds no config.json.")
         return _Source(adapter=None, model=model, run_config=None, run_dir=run_dir)
     from qlit.export import check_trained
@@ -385,7 +387,7 @@ def _load_task(manager: Any, name: str) -> dict[str, Any]:
     import datasets
 
     try:
-        with _quiet("lm_eval"):
+        with _quiet("lm_eval"), _no_dataset_bars():
             return manager.load([name])
     except (OSError, datasets.exceptions.DatasetGenerationError) as err:
         # OSError: the hub unreachable (ConnectionError), an unknown dataset id or a missing local file.
@@ -665,6 +667,21 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         for holder in holders:
             holder.tqdm = Hidden.__base__
+
+
+@contextmanager
+def _no_dataset_bars() -> Iterator[None]:
+    # datasets draws a bar for each split it reads and converts ("Generating test split"); the qlit command turns
+    # them off before datasets is imported (HF_DATASETS_DISABLE_PROGRESS_BARS), evaluate_model called from Python here.
+    import datasets
+
+    were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_off:
+            datasets.enable_progress_bars()
 
 
 @contextmanager

@@ -194,3 +194,17 @@ def test_predict(bad, tmp_path, capfd, case):
     assert line.startswith("qlit: error: ")
     assert not (tmp_path / "logs").exists()  # no run directory, so no predictions.jsonl either
     assert not list(tmp_path.rglob("predictions*"))
+
+
+def test_eval_of_a_plain_model_with_truncated_weights_or_of_an_adapter_as_a_model(bad, workdir, tmp_path, capfd):
+    model = shutil.copytree(resolve_tiny("qlit-tiny/qwen2"), tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "scores"
+    args = ["--tasks", "qlit_mc", "--include_path", str(TASKS), "--output_path", str(out), "--device", "cpu"]
+    code = run_main("eval", "--model", str(model), *args)
+    one_sentence(capfd, code, model, "Could not load the weights")
+    code = run_main("eval", "--model", str(bad["corrupt safetensors"].parent / "good"), *args)
+    line = one_sentence(capfd, code, bad["corrupt safetensors"].parent / "good", "holds an adapter")
+    assert "--adapter" in line
+    assert not out.exists()

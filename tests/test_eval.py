@@ -347,6 +347,21 @@ def test_lm_evals_command_line_runs_and_the_console_holds_the_table_and_qlits_li
         assert row["resps"][0][0]  # it generated
 
 
+@pytest.mark.slow
+def test_requests_cut_to_the_models_context_are_one_qlit_line(workdir, tmp_path, capsys):
+    # A context of 6 tokens: every prompt of qlit_mc is longer, so lm-eval cuts each request from the left and warns
+    # once per request; the console gets one line that says how many, and the scores are still written.
+    args = ("--model", "qlit-tiny/qwen2", "--model_args", "max_length=6", "--output_path", str(tmp_path / "out"))
+    assert run_main("eval", *args, "--tasks", "qlit_mc", "--include_path", str(TASKS), "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    choices = sum(len(row["choices"]) for row in ROWS)
+    (line,) = [line for line in out.splitlines() if "longer than the model's context" in line]
+    assert line.startswith(f"qlit eval: {choices} request(s) were longer than the model's context (6 tokens)")
+    assert err.strip() == ""  # lm-eval's own warning, one per request, stays off the console
+    (results,) = (tmp_path / "out").glob("results_*.json")
+    assert json.loads(results.read_text())["n-samples"]["qlit_mc"]["effective"] == len(ROWS)
+
+
 @pytest.fixture
 def handed_over(monkeypatch) -> list[dict]:
     """What `qlit eval`'s command line hands :func:`evaluate_model`, which stops there (nothing is loaded)."""

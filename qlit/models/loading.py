@@ -55,9 +55,16 @@ def _hub_error(name: str, what: str, err: Exception) -> QlitError:
 
 
 def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    from safetensors import SafetensorError
+
     source = resolve_pretrained(name)
     if source != name or looks_local(name):
-        return loader.from_pretrained(source, **kwargs)
+        try:
+            return loader.from_pretrained(source, **kwargs)
+        except (OSError, SafetensorError) as err:  # a missing, truncated or foreign file in the folder
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = f" ({source})" if source != name else ""
+            raise QlitError(f"Could not load the {what} of '{name}'{where}: {reason.rstrip('.')}.") from None
     with offline_unless_reachable():
         try:
             return loader.from_pretrained(source, **kwargs)
