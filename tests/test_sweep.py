@@ -163,11 +163,13 @@ def test_every_built_in_strategy_parses(tmp_path):
                 "strategies": {name: None for name in STRATEGIES},
                 "set": {"model.init_args.quantization.compute_dtype": "float32"},
                 "output": str(tmp_path / "out"),
+                # Prefix tuning cannot train with recomputation, the default policy of a study's cells.
+                "memory_policy": {"gradient_checkpointing": False},
             },
         )
     )
     refused = check_cells(study)
-    # On the demo's NF4 base, as the README's table says; AdaLoRA needs the run's length from the study.
+    # On the demo's NF4 base, as the docs' table says; AdaLoRA needs the run's length from the study.
     assert set(refused) == {"loha", "lokr", "adalora"}
     assert "LoHaConfig cannot train on a nf4 base" in refused["loha"]
     assert refused["adalora"] == "AdaLoRA does not work when `total_step` is None, supply a value > 0."
@@ -246,3 +248,33 @@ def test_each_shipped_study_parses(tmp_path, path):
         assert set(refused) == peft_refused, refused
     else:
         assert refused == {}, (path, refused)
+
+
+# ----- one memory policy for every cell -------------------------------------------------------------------------------
+def _memory(cell):
+    init = cell.config["model"]["init_args"]
+    return init.get("gradient_checkpointing"), init.get("memory_budget")
+
+
+def test_every_cell_runs_under_one_memory_policy_unless_the_study_says_otherwise(tmp_path):
+    strategies = {
+        "full": {"set": {"model.init_args.gradient_checkpointing": False}},
+        "qlora": {"set": {"model.init_args.gradient_checkpointing": "auto"}},
+    }
+    default = load_study(write_study(tmp_path, {"strategies": strategies}))
+    assert {_memory(cell) for cell in default.cells} == {(True, "auto")}  # the strategies' own choices overridden
+    assert "every cell ran with `gradient_checkpointing: true`" in default.memory_policy_note()
+
+    budget = load_study(
+        write_study(tmp_path, {"strategies": strategies, "memory_policy": {"memory_budget": 6}}, "b.yaml")
+    )
+    assert {_memory(cell) for cell in budget.cells} == {("auto", 6)}
+    assert "`gradient_checkpointing: auto`, `memory_budget: 6`" in budget.memory_policy_note()
+
+    own = load_study(write_study(tmp_path, {"strategies": strategies, "memory_policy": "as_configured"}, "c.yaml"))
+    assert [_memory(cell)[0] for cell in own.cells] == [False, "auto"]
+    assert "as_configured" in own.memory_policy_note()
+
+    for bad, words in [("recompute", "as_configured or a mapping"), ({"compile": True}, "unknown key 'compile'")]:
+        with pytest.raises(QlitError, match=words):
+            load_study(write_study(tmp_path, {"strategies": strategies, "memory_policy": bad}, "d.yaml"))

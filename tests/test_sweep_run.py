@@ -147,6 +147,9 @@ def test_the_report_holds_what_the_event_files_hold(interrupted_and_rerun):
     report = (out / "report.md").read_text()
     assert report.startswith("# Study: tiny\n\nA tiny study of the sweep's tests.")
     assert "## SQuAD (qlit-samples/squad), model `qlit-tiny/qwen2`" in report
+    # The policy every cell ran under stands above the tables.
+    policy = "- Memory policy: every cell ran with `gradient_checkpointing: true`"
+    assert policy in report and report.index(policy) < report.index("## SQuAD")
     assert "- **LoHa on NF4 + DQ** (`loha-nf4`): failed: LoHaConfig cannot train on a nf4 base" in report
     # `qlit compare --report` on the study's folder writes the same table.
     assert run_main("compare", str(out), "--report", str(out.parent / "again")) == 0

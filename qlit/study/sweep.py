@@ -61,7 +61,15 @@ STUDY_KEYS = (
     "before",
     "after",
     "eval",
+    "memory_policy",
 )
+#: What a study's ``memory_policy`` may set: the model options that decide what activations cost.
+MEMORY_KEYS = ("gradient_checkpointing", "memory_budget")
+#: Every cell's memory policy unless the study names its own: each layer recomputed, the memory a technique needs
+#: rather than what qlit's speed settings choose to spend.
+DEFAULT_MEMORY_POLICY = {"gradient_checkpointing": True, "memory_budget": "auto"}
+#: ``memory_policy: as_configured``: each cell keeps the memory options its configs give it.
+AS_CONFIGURED = "as_configured"
 #: The keys a strategy may have.
 STRATEGY_KEYS = ("from", "label", "set", "axes", "combine")
 #: What ``before``/``after`` may list: a ``qlit`` subcommand run on the cell's config.
@@ -170,6 +178,45 @@ class Study:
     before: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
     eval: dict[str, Any] | None = None
+    #: The model options every cell runs under (``None``: each cell's own, ``memory_policy: as_configured``).
+    memory_policy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_MEMORY_POLICY))
+
+    def memory_policy_note(self) -> str:
+        """The sentence the report prints above its tables."""
+        if self.memory_policy is None:
+            return (
+                "Memory policy: each cell as its configs set it (`memory_policy: as_configured`): peak memory "
+                "compares the cells' settings as much as their techniques."
+            )
+        shown = [(k, self.memory_policy[k]) for k in MEMORY_KEYS if k in self.memory_policy]
+        said = ", ".join(f"`{k}: {_yaml_scalar(v)}`" for k, v in shown if (k, v) != ("memory_budget", "auto"))
+        return (
+            f"Memory policy: every cell ran with {said} (the study's `memory_policy`), so peak memory compares "
+            "the techniques, not the cells' speed settings."
+        )
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _memory_policy(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return dict(DEFAULT_MEMORY_POLICY)
+    if value == AS_CONFIGURED:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise QlitError(
+            f"{where}: 'memory_policy' must be {AS_CONFIGURED} or a mapping of {' and/or '.join(MEMORY_KEYS)}, "
+            f"got {value!r}."
+        )
+    _known_keys(value, MEMORY_KEYS, f"{where}: 'memory_policy'")
+    policy = dict(value)
+    if policy.get("memory_budget", "auto") != "auto":
+        policy.setdefault("gradient_checkpointing", "auto")  # the budget's plan decides layer by layer
+    policy.setdefault("memory_budget", "auto")
+    policy.setdefault("gradient_checkpointing", DEFAULT_MEMORY_POLICY["gradient_checkpointing"])
+    return policy
 
 
 def load_study(path: str | Path, output: str | Path | None = None) -> Study:
@@ -215,10 +262,16 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     if not strategies and not axes:
         raise QlitError(f"{where}: it has neither 'strategies' nor 'axes', so there is nothing to compare.")
     cells = _expand(config, common, strategies, axes, combine, where)
+    policy = _memory_policy(raw.get("memory_policy"), where)
+    for cell in cells:  # last, over every strategy and axis: one policy for every cell
+        for key, value in (policy or {}).items():
+            cell.config = merge(cell.config, nest(f"model.init_args.{key}", value))
     before, after = (_stages(raw.get(key), f"{where}: '{key}'") for key in ("before", "after"))
     evaluation = _eval(raw.get("eval"), where)
     out = Path(output) if output is not None else Path(raw.get("output") or Path("logs") / "studies" / name)
-    study = Study(path, name, str(raw.get("description") or ""), base_paths, out, cells, before, after, evaluation)
+    study = Study(
+        path, name, str(raw.get("description") or ""), base_paths, out, cells, before, after, evaluation, policy
+    )
     for cell in cells:
         cell.fingerprint = _fingerprint(cell, study)
     return study
@@ -886,7 +939,8 @@ def sweep(
             echo("qlit sweep: interrupted; run the same command again to redo the unfinished cells.")
             return 143
     state, entries = study_entries(study.output)
-    written = write_report(entries, study.output, f"Study: {study.name}", study.description, study_notes(state))
+    notes = [study.memory_policy_note(), *study_notes(state)]
+    written = write_report(entries, study.output, f"Study: {study.name}", study.description, notes)
     failed = sum(1 for c in study.cells if states[c.name].status != "done")
     echo(
         f"qlit sweep: {total - failed} of {total} cells done"
