@@ -394,8 +394,16 @@ class QLitModule(pl.LightningModule):
                 cu_seq_lens_k=bounds,
                 max_length_q=longest,
                 max_length_k=longest,
+                return_dict=True,
             )
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # return_dict named: a forward that falls back to config.use_return_dict (Liger's fused-loss forwards do)
+        # reads a property transformers 5 deprecates, with a warning.
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            return_dict=True,
+        )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning, rank_zero_info
 
 from qlit.callbacks import ALWAYS_ON
+from qlit.callbacks.progress import progress_bar
+from qlit.callbacks.timing import TrainingTimeMonitor
 from qlit.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
@@ -43,6 +48,9 @@ TRAINER_LEAST: tuple[tuple[str, float], ...] = (
     ("min_steps", 0),
     ("gradient_clip_val", 0),
 )
+
+#: Choices of ``--matmul_precision`` (:func:`matmul_precision`).
+MatmulPrecision = Literal["auto", "highest", "high", "medium"]
 
 #: What a run directory holds before its first batch: removed again when the run fails that early.
 _SET_UP_FILES = ("config.yaml", "hparams.yaml")
@@ -79,12 +87,14 @@ def quiet_console() -> None:
     ``PYTHONWARNINGS`` asks for warnings; transformers' bar over the weights it loads goes (the hub's download bars
     stay); Lightning's advert and its lines about absent TPUs go; bitsandbytes' note that an 8-bit layer casts its
     inputs to float16, logged at every call, shows once; Liger's notes that its back-ends for other hardware could
-    not be imported go.
+    not be imported go; so do Lightning's hints that do not fit a qlit run (:data:`_LIGHTNING_HINTS`).
     """
     if not sys.warnoptions:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=_LIBRARIES + r"(\.|$)")
         warnings.filterwarnings("default", category=LightningDeprecationWarning)
+        for hint in _LIGHTNING_HINTS:
+            warnings.filterwarnings("ignore", message=hint)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_tqdm_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
@@ -99,6 +109,18 @@ def quiet_console() -> None:
         liger.addFilter(_not_other_hardware)
 
 
+#: Lightning's hints (warnings) that address no qlit user, as regular expressions of their start:
+_LIGHTNING_HINTS = (
+    # qlit tokenises a dataset once, before training, into memory (and its cache); a batch is then a collation of
+    # ready token ids, microseconds of work, and the hint that loader worker processes would speed it up is wrong.
+    # A config may still set data.num_workers.
+    r"The '\w+' does not have many workers",
+    # Lightning logs every log_every_n_steps optimizer steps of the whole fit, not of each epoch: with short epochs
+    # the training metrics are still logged, over several epochs. A fit too short to log at all is said by qlit,
+    # which logs at its last step instead (:class:`_LogInterval`).
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
 #: Liger's optional kernel back-ends for other hardware or extra packages (Ascend NPUs, NVIDIA's CuTe DSL): each
 #: logs that it could not be imported at the first use of its op; its Triton kernels, the ones qlit uses, run.
 _OPTIONAL_LIGER_BACKENDS = ("._ascend.", "._cutedsl.")
@@ -110,21 +132,49 @@ def _not_other_hardware(record: logging.LogRecord) -> bool:
 
 
 def fit_summary(trainer: Trainer, module: Any) -> list[str]:
-    """Where a finished fit left its run, its trained weights and its last checkpoint: three lines."""
+    """Where a finished fit left its run and its last checkpoint, then its result and where its trained weights went
+    (:func:`fit_result`): three lines."""
     run = Path(trainer.log_dir or trainer.default_root_dir)
-    label = "Adapter" if getattr(module, "has_adapter", False) else "Model"
-    saved = getattr(module, "saved_to", None)
-    if saved is not None:
-        weights = _shown(saved) + (" (peft format)" if label == "Adapter" else "")
-    else:
-        weights = "not saved apart: its weights are in the checkpoint"
     checkpoint = trainer.checkpoint_callback
     last = checkpoint and (getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path)
     return [
         f"Run:        {_shown(run)} (qlit board {_shown(run.parent)})",
-        f"{label + ':':<12}{weights}",
         f"Checkpoint: {_shown(Path(last)) if last else 'none written'}",
+        fit_result(trainer, module, Path(last) if last else None),
     ]
+
+
+def fit_result(trainer: Trainer, module: Any, checkpoint: Path | None = None) -> str:
+    """One line: the run's name, the metrics it is judged by as last logged (the task's main metrics and the
+    checkpoint's monitored one; the training loss where nothing was validated), how long it trained, and where its
+    trained weights went, e.g. ``demo: val/accuracy 0.963, val/loss 0.071 after 3 epochs (240 steps, 21 s); adapter
+    in logs/demo/version_0/adapter (peft format)``."""
+    logged = trainer.callback_metrics
+    task = getattr(module, "task", None)
+    specs = getattr(task, "metric_specs", ())
+    names = [f"val/{spec.name}" for spec in specs if spec.main] or [f"val/{spec.name}" for spec in specs]
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+    names = [n for n in dict.fromkeys([*names, monitor]) if n and n in logged]
+    names = names or [n for n in ("train/loss",) if n in logged]
+    metrics = ", ".join(f"{name} {float(logged[name]):.3f}" for name in names) or "no metric logged"
+    steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
+    timing = [c.last_metrics for c in trainer.callbacks if isinstance(c, TrainingTimeMonitor)]
+    seconds = timing[0].get("time/fit_seconds") if timing else None
+    took = f", {seconds:.0f} s" if seconds is not None else ""
+    epochs = trainer.current_epoch
+    if trainer.max_epochs is not None and 0 < epochs == trainer.max_epochs:
+        when = f"after {epochs} epoch{'s' if epochs != 1 else ''} ({steps}{took})"
+    else:
+        when = f"after {steps}" + (f" ({seconds:.0f} s)" if seconds is not None else "")
+    saved = getattr(module, "saved_to", None)
+    if saved is not None and getattr(module, "has_adapter", False):
+        weights = f"adapter in {_shown(saved)} (peft format)"
+    elif saved is not None:
+        weights = f"model in {_shown(saved)}"
+    else:
+        weights = f"weights in {_shown(checkpoint)}" if checkpoint is not None else "weights not saved"
+    name = trainer.loggers[0].name if trainer.loggers and trainer.loggers[0].name else "qlit"
+    return f"{name}: {metrics} {when}; {weights}"
 
 
 def _shown(path: Path) -> str:
@@ -185,6 +235,14 @@ class QlitCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_argument(
+            "--matmul_precision",
+            type=MatmulPrecision,
+            default="auto",
+            help="internal precision of float32 matrix products (torch.set_float32_matmul_precision): auto is high "
+            "(TF32 tensor cores) on a CUDA device and leaves other devices as they are; highest, high or medium "
+            "everywhere.",
+        )
 
     def before_instantiate_classes(self) -> None:
         trainer = self._get(self.config, "trainer")
@@ -208,8 +266,19 @@ class QlitCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self._started = _Started()
-        trainer.callbacks.append(self._started)
+        trainer.callbacks += [self._started, _LogInterval()]
+        self._matmul_precision = matmul_precision(self._get(self.config, "matmul_precision", default="auto"), trainer)
         return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # qlit's progress display, unless the config names a progress bar or turns it off.
+        named = config.get("callbacks") or []
+        named = named if isinstance(named, list) else [named]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*named, *callbacks]
+        ):
+            callbacks = [*callbacks, progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint here (for hyper-parameters, which qlit checkpoints do not hold): a file
@@ -224,6 +293,11 @@ class QlitCLI(LightningCLI):
         if self._ckpt_base is not None and callable(check_base):
             check_base(self._ckpt_base, self._get(self.config_init, "ckpt_path"))
         run_dir = _new_run_dir(self.trainer)
+        # Set for this run only, and set before Lightning sets up the device (which otherwise advises it on a GPU with
+        # tensor cores); restored after, so that a run inside a larger program leaves its precision as it was.
+        before = torch.get_float32_matmul_precision()
+        if self._matmul_precision is not None:
+            torch.set_float32_matmul_precision(self._matmul_precision)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
@@ -232,6 +306,35 @@ class QlitCLI(LightningCLI):
             if run_dir is not None and not self._started.started:
                 _remove_unstarted(*run_dir)
             raise
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
+def matmul_precision(choice: MatmulPrecision, trainer: Trainer) -> str | None:
+    """The float32 matrix-product precision a run sets (``None``: it leaves the process's own).
+
+    ``auto``: ``high`` on a CUDA device, where float32 products (LoRA weights, fp32 runs) then use TF32 tensor cores
+    at about 10 mantissa bits, as Lightning advises and most training recipes do; elsewhere it is left as it is
+    (on a CPU ``high`` may switch products to a bfloat16-based algorithm).
+    """
+    if choice != "auto":
+        return choice
+    return "high" if isinstance(trainer.accelerator, CUDAAccelerator) else None
+
+
+class _LogInterval(Callback):
+    """A fit with fewer optimizer steps than ``trainer.log_every_n_steps`` would log no training metric at all: it
+    logs them at its last step instead, and says so in one line."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        interval, steps = trainer.log_every_n_steps, trainer.estimated_stepping_batches
+        if not trainer.loggers or interval <= 0 or not math.isfinite(steps) or not 0 < steps < interval:
+            return
+        trainer.log_every_n_steps = int(steps)
+        rank_zero_info(
+            f"This fit has {int(steps)} optimizer steps, fewer than trainer.log_every_n_steps ({interval}): its "
+            f"training metrics are logged every {int(steps)} steps instead."
+        )
 
 
 class _Started(Callback):

@@ -1,9 +1,15 @@
 """The console of `qlit fit`: what informs (the run's own lines, the progress bar), none of the libraries' noise, and
 at the end where the run, the adapter and the last checkpoint went."""
 
+import io
 import logging
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+from qlit.callbacks.progress import LineProgressBar, progress_bar
 from qlit.trainer_cli import _Once, quiet_console
 
 NOISE = (
@@ -24,18 +30,42 @@ def test_a_fit_shows_its_own_lines_and_no_library_noise(demo_run):
     console = demo_run.stdout + demo_run.stderr
     assert [noise for noise in NOISE if noise in console] == [], console[-3000:]
     assert "Trainable parameters: 16,384 of 221,760" in demo_run.stderr  # LoRA r=8 on every linear layer
-    assert "val/accuracy" in demo_run.stdout  # the progress bar
 
 
-def test_a_fit_ends_with_where_the_run_adapter_and_checkpoint_went(demo_run):
-    run, adapter, checkpoint = demo_run.stderr.strip().splitlines()[-3:]
+def test_off_a_terminal_the_progress_is_a_line_per_validation_with_the_loss_and_the_tasks_metric(demo_run):
+    # The fit's output is a pipe: no redrawn bar (carriage returns), no run version (v_num), one plain line.
+    assert "\r" not in demo_run.stdout and "v_num" not in demo_run.stdout, demo_run.stdout[-2000:]
+    line = r"Epoch 1/3, step 2/2: train/loss \d+\.\d{3}, val/loss \d+\.\d{3}, val/accuracy [01]\.\d{3} \(\d+ s\)"
+    assert re.fullmatch(line, demo_run.stdout.strip()), demo_run.stdout
+
+
+def test_a_fit_ends_with_where_the_run_and_checkpoint_went_and_its_result(demo_run):
+    run, checkpoint, result = demo_run.stderr.strip().splitlines()[-3:]
     run_dir = demo_run.run_dir.relative_to(demo_run.cwd)
     assert run == f"Run:        {run_dir} (qlit board {run_dir.parent})"
-    assert adapter == f"Adapter:    {run_dir / 'adapter'} (peft format)"
     assert checkpoint == f"Checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}"
+    # The run's name, the task's metric and the monitored one, how long, and where the adapter went.
+    accuracy = r"demo: val/accuracy [01]\.\d{3}, val/loss \d+\.\d{3} after 2 steps \(\d+ s\)"
+    assert re.fullmatch(rf"{accuracy}; adapter in {re.escape(str(run_dir / 'adapter'))} \(peft format\)", result), (
+        result
+    )
     # Paths relative to where qlit ran, and there.
     assert (demo_run.cwd / run_dir / "adapter" / "adapter_config.json").is_file()
     assert (demo_run.cwd / Path(checkpoint.split()[-1])).is_file()
+
+
+def test_on_a_terminal_the_bar_is_lightnings_without_the_run_version():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = progress_bar(Terminal())
+    assert isinstance(bar, RichProgressBar | TQDMProgressBar)
+    assert isinstance(progress_bar(io.StringIO()), LineProgressBar)
+    trainer = SimpleNamespace(
+        loggers=[SimpleNamespace(version=3)], progress_bar_metrics={"train/loss": 0.25, "val/accuracy": 0.9}
+    )
+    assert bar.get_metrics(trainer, None) == {"train/loss": 0.25, "val/accuracy": 0.9}
 
 
 def test_a_library_note_logged_at_every_call_shows_once(caplog):
