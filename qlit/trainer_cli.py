@@ -87,7 +87,8 @@ def quiet_console() -> None:
     ``PYTHONWARNINGS`` asks for warnings; transformers' bar over the weights it loads goes (the hub's download bars
     stay); Lightning's advert and its lines about absent TPUs go; bitsandbytes' note that an 8-bit layer casts its
     inputs to float16, logged at every call, shows once; Liger's notes that its back-ends for other hardware could
-    not be imported go; so do Lightning's hints that do not fit a qlit run (:data:`_LIGHTNING_HINTS`).
+    not be imported go; so do Lightning's hints that do not fit a qlit run (:data:`_LIGHTNING_HINTS`) and PyTorch's
+    note that it set a thread's CUDA context for cuBLAS itself.
     """
     if not sys.warnoptions:
         for category in (DeprecationWarning, FutureWarning):
@@ -95,6 +96,10 @@ def quiet_console() -> None:
         warnings.filterwarnings("default", category=LightningDeprecationWarning)
         for hint in _LIGHTNING_HINTS:
             warnings.filterwarnings("ignore", message=hint)
+        # PyTorch's note that a thread on which CUDA's primary context was not current (autograd's worker thread for
+        # the device, which PyTorch gives the device without making its context current) ran cuBLAS: PyTorch makes
+        # the primary context current itself, which is what the thread needed, and says so once.
+        warnings.filterwarnings("ignore", message=r"Attempting to run cuBLAS, but there was no current CUDA context")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_tqdm_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))

@@ -131,3 +131,20 @@ def test_a_forward_that_falls_back_to_use_return_dict_is_given_return_dict(tiny_
         assert [r for r in records if "use_return_dict" in r] != []
     finally:
         config_log.removeHandler(handler)
+
+
+def test_pytorchs_note_that_it_set_the_cublas_context_itself_goes_and_other_warnings_stay(monkeypatch):
+    from qlit.trainer_cli import quiet_console
+
+    monkeypatch.setattr("sys.warnoptions", [])
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_console()
+        # As PyTorch raises it (TORCH_WARN_ONCE in its cuBLAS handle pool), replayed on the thread that ran backward.
+        warnings.warn(
+            "Attempting to run cuBLAS, but there was no current CUDA context! Attempting to set the primary context... "
+            "(Triggered internally at /pytorch/aten/src/ATen/cuda/CublasHandlePool.cpp:180.)",
+            UserWarning,
+            stacklevel=1,
+        )
+        warnings.warn("a warning about this run", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning about this run"]
