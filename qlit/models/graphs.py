@@ -24,7 +24,6 @@ replays), and qlit's memory figures add it.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -92,7 +91,16 @@ class _LayerCall(torch.nn.Module):
         cos, sin = kwargs.pop("cos"), kwargs.pop("sin")
         bounds = kwargs.pop("bounds")
         out = self.eager(hidden, position_embeddings=(cos, sin), cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if capturing():
+            self.__dict__["_recorded"] = out  # not a submodule's state: released by release_recording()
+        return out
+
+    def release_recording(self) -> None:
+        """Free the autograd graph of the recorded forward pass (see :meth:`LayerGraphs._make`)."""
+        out = self.__dict__.pop("_recorded", None)
+        if out is not None and out.grad_fn is not None and not out._is_view():
+            out.detach_()  # the graph's static output itself, which make_graphed_callables keeps
 
 
 class LayerGraphs:
@@ -289,19 +297,42 @@ class LayerGraphs:
         # make_graphed_callables records under autocast only without its cast cache (a cached cast made while
         # recording would be read outside the graph, or a cast made before it stand in for one the graph must redo).
         with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+            _warm_up(calls, samples)
             graphed = torch.cuda.make_graphed_callables(
-                calls, tuple(samples), num_warmup_iters=2, allow_unused_input=True, pool=pool
+                calls, tuple(samples), num_warmup_iters=0, allow_unused_input=True, pool=pool
             )
+        # The trainable parameters' gradient accumulators are made, once, by the first forward pass that uses them,
+        # on the stream it runs on, and each backward pass through an accumulator made on another stream than its
+        # own is ordered with an event and warned about (AccumulateGrad's stream mismatch). The recording makes
+        # them on its stream, and the recorded forward passes' autograd graphs (which no replay uses: each graphed
+        # layer is one autograd node of its own) would keep them for every later step: released, the first replay
+        # makes them anew on the training stream. Accumulators made before recording, on the training stream, would
+        # fail the recording instead: that is the legacy default stream, and a recorded backward pass that reaches
+        # one is refused ("operation would make the legacy stream depend on a capturing blocking stream").
+        for call in calls:
+            call.release_recording()
         self.graphed = list(graphed)
         self.held_bytes = _pool_idle_bytes(pool)
-        # The recording made the trainable parameters' gradient accumulators on its own stream, and the recorded
-        # autograd graph keeps them: each backward pass then tells that their stream differs from the training
-        # stream's (and orders the two with an event, which is correct). Accumulators made beforehand on the
-        # training stream would be worse: that is the legacy default stream, and a recorded backward pass that
-        # reaches one fails ("operation would make the legacy stream depend on a capturing blocking stream").
-        warnings.filterwarnings(
-            "ignore", message="The AccumulateGrad node's stream does not match", category=UserWarning
-        )
+
+
+def _warm_up(calls: tuple[_LayerCall, ...], samples: list[tuple[torch.Tensor, ...]], iterations: int = 2) -> None:
+    """Run each layer's forward and backward pass on a side stream before recording, so that lazy set-up (cuBLAS
+    handles and workspaces, kernel selection, the allocator's first blocks) happens outside the graphs.
+
+    make_graphed_callables' own warm-up does the same, but keeps the autograd graph of its last layer's last pass
+    alive while it records: that layer's gradient accumulators, made on the warm-up stream, then meet the recording
+    stream's gradients, with AccumulateGrad's stream-mismatch warning. Here each pass is dropped before the next.
+    """
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for call, args in zip(calls, samples, strict=True):
+            inputs = tuple(t for t in (*args, *call.parameters()) if t.requires_grad)
+            for _ in range(iterations):
+                out = call(*args)
+                if out.requires_grad:
+                    torch.autograd.grad(out, inputs, grad_outputs=torch.empty_like(out), allow_unused=True)
+                del out
+    torch.cuda.synchronize()
 
 
 def _pool_idle_bytes(pool: Any) -> int:

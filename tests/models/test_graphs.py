@@ -3,6 +3,8 @@ that cannot apply is refused in one sentence. (Recording and replaying the graph
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import ROOT, packable_rows
@@ -140,6 +142,9 @@ def emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _replaying_recorder)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    # The warm-up before recording runs for real, on the CPU's one stream.
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(graphs, "_pool_idle_bytes", lambda pool: 0)
     return monkeypatch
 
