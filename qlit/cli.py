@@ -97,6 +97,23 @@ def _yaml_file_in(argv: list[str]) -> str | None:
     return None
 
 
+def _trainer_setting_error(err: BaseException) -> str | None:
+    """Lightning's ValueError for a trainer setting the data cannot honour, as qlit's sentence (else ``None``)."""
+    found = re.search(
+        r"`val_check_interval` \((\d+)\) must be less than or equal to the number of the training "
+        r"batches \((\d+)\)",
+        str(err),
+    )
+    if found is None:
+        return None
+    interval, batches = found.groups()
+    return (
+        f"trainer.val_check_interval ({interval}) is more than the {batches} training batches of an epoch: lower it, "
+        "give a fraction of the epoch (0.5), or set trainer.check_val_every_n_epoch: null to count batches across "
+        "epochs."
+    )
+
+
 def main(args: Any = None) -> None:
     """Entry point of the ``qlit`` command."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -145,7 +162,7 @@ def main(args: Any = None) -> None:
     except (QlitError, ValueError) as err:
         # jsonargparse re-raises what a constructor refuses (QLitModule's checks) as a ValueError about Union
         # subtypes; the QlitError it wraps is the sentence for the user.
-        cause = qlit_error_in(err)
+        cause = qlit_error_in(err) or _trainer_setting_error(err)
         if cause is None:
             raise
         print(f"qlit: error: {cause}", file=sys.stderr)

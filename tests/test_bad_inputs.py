@@ -208,3 +208,19 @@ def test_eval_of_a_plain_model_with_truncated_weights_or_of_an_adapter_as_a_mode
     line = one_sentence(capfd, code, bad["corrupt safetensors"].parent / "good", "holds an adapter")
     assert "--adapter" in line
     assert not out.exists()
+
+
+def test_a_validation_interval_longer_than_the_epoch_is_one_sentence(tmp_path, capfd):
+    # The sample's 320 rows in batches of 16 are 20 batches an epoch; the GPU config validates every 500.
+    code = run_main(
+        *cli_args(tmp_path, "fit", "--config", str(ROOT / "configs/demo.yaml")),
+        *("--trainer.val_check_interval", "500", "--data.init_args.batch_size", "16"),
+    )
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("qlit: error:")]
+    assert lines == [
+        "qlit: error: trainer.val_check_interval (500) is more than the 20 training batches of an epoch: lower it, "
+        "give a fraction of the epoch (0.5), or set trainer.check_val_every_n_epoch: null to count batches across "
+        "epochs."
+    ]
