@@ -22,7 +22,14 @@ def _shown_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in metrics.items() if name != "v_num"}
 
 
-class TerminalProgressBar(TQDMProgressBar):
+class _WithoutVersion:
+    """A Lightning bar's metrics without ``v_num`` (a mix-in before the bar class)."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        return _shown_metrics(super().get_metrics(trainer, pl_module))  # type: ignore[misc]
+
+
+class TerminalProgressBar(_WithoutVersion, TQDMProgressBar):
     """Lightning's tqdm bar without the run's version number (``v_num``).
 
     Args:
@@ -34,11 +41,8 @@ class TerminalProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave)
 
-    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        return _shown_metrics(super().get_metrics(trainer, pl_module))
 
-
-class RichTerminalProgressBar(RichProgressBar):
+class RichTerminalProgressBar(_WithoutVersion, RichProgressBar):
     """Lightning's rich bar (the Trainer's default where ``rich`` is installed) without ``v_num``.
 
     Args:
@@ -48,9 +52,6 @@ class RichTerminalProgressBar(RichProgressBar):
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave)
-
-    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        return _shown_metrics(super().get_metrics(trainer, pl_module))
 
 
 class LineProgressBar(ProgressBar):
