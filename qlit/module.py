@@ -527,7 +527,7 @@ class QLitModule(pl.LightningModule):
         static = memory_plan.static_bytes(self.model, self.device)
         costs = memory_plan.measure(self.model, decoder, self._probe_loss)
         graph_per_token = 0.0
-        if self._may_graph(self.device) and self.cuda_graphs is not False:
+        if self._may_graph(self.device):
             config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
             hidden = int(getattr(config or self.model.config, "hidden_size", 0) or 0)
             fp32_stream = self.quantization.backend.kbit_training and self.upcasts_frozen_weights
@@ -538,7 +538,7 @@ class QLitModule(pl.LightningModule):
             layer.gradient_checkpointing = i < plan.recomputed
         self.memory_plan = plan
         self.checkpointed_layers = plan.recomputed + plan.offloaded
-        rank_zero_info(plan.line()[0].upper() + plan.line()[1:])
+        rank_zero_info(plan.line())
 
     def _tokens_per_step(self) -> int:
         """The most tokens one training batch holds: the packing budget, or rows × the longest row."""

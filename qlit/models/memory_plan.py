@@ -99,7 +99,7 @@ class MemoryPlan:
 
     def line(self) -> str:
         text = (
-            f"memory plan for {_gib(self.budget)} GiB: {self.kept} of {self.layers} layers kept, "
+            f"Memory plan for {_gib(self.budget)} GiB: {self.kept} of {self.layers} layers kept, "
             f"{self.recomputed + self.offloaded} recomputed, activations of {self.offloaded} offloaded "
             f"(estimated peak {_gib(self.estimate)} GiB)"
         )
@@ -212,7 +212,7 @@ def _measure_once(
         saved = state["saved"] or {}
         held = torch.cuda.memory_allocated(device) - state["start"] if cuda else sum(saved.values())
         per_layer.append(float(held))
-        state["saved"] = None
+        state["saved"] = head  # after the last layer: the final norm and the loss
 
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
     handles += [layer.register_forward_hook(after, with_kwargs=True) for layer in layers]
