@@ -49,6 +49,7 @@ from qlit.callbacks.latency import InferenceLatencyMonitor
 from qlit.callbacks.memory import GPUMemoryMonitor
 from qlit.callbacks.params import TrainableParamsMonitor
 from qlit.callbacks.predictions import PredictionWriter
+from qlit.callbacks.progress import AutoProgressBar
 from qlit.callbacks.throughput import TokenThroughputMonitor
 from qlit.callbacks.timing import TrainingTimeMonitor
 
@@ -66,6 +67,7 @@ ALWAYS_ON: dict[str, type[Callback]] = {
 
 __all__ = [
     "ALWAYS_ON",
+    "AutoProgressBar",
     "GPUMemoryMonitor",
     "InferenceLatencyMonitor",
     "InterruptCheckpoint",

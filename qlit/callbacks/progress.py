@@ -123,10 +123,29 @@ def _number(value: Any) -> str:
     return f"{value:.3f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3g}"
 
 
-def progress_bar(stream: TextIO | None = None) -> ProgressBar:
+def progress_bar(stream: TextIO | None = None, refresh_rate: int = 1) -> ProgressBar:
     """The progress display for ``stream`` (standard output by default): a live bar on a terminal (rich's where it is
-    installed, as Lightning picks), plain lines elsewhere."""
+    installed, as Lightning picks) redrawn every ``refresh_rate`` batches, plain lines elsewhere."""
     stream = stream or sys.stdout
     if not (hasattr(stream, "isatty") and stream.isatty()):
         return LineProgressBar(stream=None if stream is sys.stdout else stream)
-    return RichTerminalProgressBar() if _RICH_AVAILABLE else TerminalProgressBar()
+    bar = RichTerminalProgressBar if _RICH_AVAILABLE else TerminalProgressBar
+    return bar(refresh_rate=refresh_rate)
+
+
+class AutoProgressBar(ProgressBar):
+    """The display :func:`progress_bar` picks, for a config that sets how often the bar redraws: a live bar on a
+    terminal, plain lines elsewhere (not a redrawn bar's carriage returns in a log file).
+
+    ``- class_path: qlit.callbacks.AutoProgressBar`` with ``init_args: {refresh_rate: 10}`` in ``trainer.callbacks``.
+
+    Args:
+        refresh_rate: a terminal bar redraws every N batches. Each redraw reads the step's loss from the GPU, a host
+            sync: GPU configs redraw every 10 steps. The plain lines read it once per line.
+    """
+
+    def __new__(cls, refresh_rate: int = 1) -> ProgressBar:  # type: ignore[misc]
+        return progress_bar(refresh_rate=max(1, int(refresh_rate)))
+
+    def __init__(self, refresh_rate: int = 1) -> None:  # the signature the config is checked against
+        super().__init__()
