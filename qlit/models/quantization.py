@@ -19,6 +19,8 @@ from qlit.models.quant import QuantBackend, backend_class, backend_modes
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 QuantMode = Literal[backend_modes()]  # type: ignore[valid-type]  # a backend module adds its modes
+#: The spec's fields that only some backends read (each declares which in ``QuantBackend.options``).
+BACKEND_OPTIONS = ("bits", "group_size", "axis", "scheme")
 
 
 @dataclass
@@ -37,6 +39,10 @@ class Quantization:
             other parameters (e.g. ``bfloat16``) so that it can flatten them together.
         int8_threshold: LLM.int8() outlier threshold: activations above it take the fp16 path.
         skip_modules: module names left unquantized (``lm_head`` is always left unquantized by transformers).
+        bits: bits per weight, for the modes that offer several (each backend says which it accepts).
+        group_size: weights sharing one scale (and zero point), for the modes that quantize in groups.
+        axis: the axis the groups run along, for the modes that offer a choice.
+        scheme: the mode's named variant (e.g. a torchao configuration), for the modes that have several.
     """
 
     mode: QuantMode = "none"
@@ -45,6 +51,10 @@ class Quantization:
     quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
     int8_threshold: float = 6.0
     skip_modules: list[str] | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    axis: int | None = None
+    scheme: str | None = None
 
     def __post_init__(self) -> None:
         modes = QuantMode.__args__  # type: ignore[attr-defined]
@@ -58,6 +68,15 @@ class Quantization:
             raise QlitError(f"double_quant applies to 4-bit quantization only, but mode is '{self.mode}'.")
         if self.quant_storage != "uint8" and not self.is_4bit:
             raise QlitError(f"quant_storage applies to 4-bit quantization only, but mode is '{self.mode}'.")
+        backend = self.backend
+        for option in BACKEND_OPTIONS:
+            if getattr(self, option) is not None and option not in backend.options:
+                takers = [m for m in modes if option in backend_class(m).options]
+                raise QlitError(
+                    f"quantization.{option} applies to mode {' or '.join(takers) or '(none)'} only, "
+                    f"but mode is '{self.mode}'."
+                )
+        backend.check_options()
 
     @property
     def backend(self) -> QuantBackend:

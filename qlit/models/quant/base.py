@@ -24,6 +24,10 @@ class QuantSpec(Protocol):
     quant_storage: str
     int8_threshold: float
     skip_modules: list[str] | None
+    bits: int | None
+    group_size: int | None
+    axis: int | None
+    scheme: str | None
 
     @property
     def uses_double_quant(self) -> bool: ...
@@ -57,6 +61,10 @@ class QuantBackend:
     allows_cuda_graphs: ClassVar[bool] = False
     #: LoRA may run as qlit's fused autograd function over the stored weights (``QLitModule.fused_lora``).
     allows_fused_lora: ClassVar[bool] = False
+
+    #: The spec's mode-specific fields this backend reads (``bits``, ``group_size``, ``axis``, ``scheme``); setting
+    #: any other is refused when the spec is built. :meth:`check_options` checks their values.
+    options: ClassVar[tuple[str, ...]] = ()
 
     #: How a study names the base stored in each of ``modes`` (``8-bit``, ``NF4``; ``""``: the base as it is); a mode
     #: missing here is named as it is.
@@ -98,6 +106,10 @@ class QuantBackend:
         return None
 
     # ----- before any weight is loaded --------------------------------------------------------------------------------
+    def check_options(self) -> None:
+        """Refuse values of :attr:`options` this backend cannot store (one sentence naming the field), when the
+        config is read."""
+
     def check_full_fine_tuning(self) -> None:
         """Refuse training without an adapter when the base cannot train."""
         if self.needs_adapter:

@@ -55,3 +55,10 @@ def test_the_fused_lora_refusal_names_the_modes_that_allow_it():
     assert str(err.value) == (
         "model.fused_lora: true needs a 4-bit base (quantization.mode nf4 or fp4): set it to auto."
     )
+
+
+@pytest.mark.parametrize("option", ["bits", "group_size", "axis", "scheme"])
+def test_a_mode_specific_option_on_a_mode_that_does_not_read_it_is_refused_by_name(option):
+    # bitsandbytes' NF4 has one bit width and one block size: a `bits: 3` there would be silently ignored.
+    with pytest.raises(QlitError, match=rf"^quantization\.{option} applies to .* but mode is 'nf4'\.$"):
+        Quantization(mode="nf4", **{option: 3 if option != "scheme" else "int4"})
