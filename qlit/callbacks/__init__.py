@@ -44,6 +44,7 @@ throughput and generation numbers are global, summed or gathered over ranks.
 
 from lightning.pytorch import Callback
 
+from qlit.callbacks.fidelity import QuantizationFidelity
 from qlit.callbacks.interrupt import InterruptCheckpoint
 from qlit.callbacks.latency import InferenceLatencyMonitor
 from qlit.callbacks.memory import GPUMemoryMonitor
@@ -58,6 +59,7 @@ from qlit.callbacks.timing import TrainingTimeMonitor
 ALWAYS_ON: dict[str, type[Callback]] = {
     "interrupt": InterruptCheckpoint,  # a checkpoint on SIGTERM or Ctrl+C
     "params": TrainableParamsMonitor,
+    "fidelity": QuantizationFidelity,  # off unless enabled: the stored base against its unquantized original
     "memory": GPUMemoryMonitor,
     "throughput": TokenThroughputMonitor,
     "latency": InferenceLatencyMonitor,
@@ -72,6 +74,7 @@ __all__ = [
     "InferenceLatencyMonitor",
     "InterruptCheckpoint",
     "PredictionWriter",
+    "QuantizationFidelity",
     "TokenThroughputMonitor",
     "TrainableParamsMonitor",
     "TrainingTimeMonitor",

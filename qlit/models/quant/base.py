@@ -148,6 +148,16 @@ class QuantBackend:
     def convert(self, model: Any, *, has_adapter: bool) -> None:
         """Change the loaded model's layers in place, before peft wraps it (nothing for a base loaded as stored)."""
 
+    # ----- fidelity: what the stored base computes with ---------------------------------------------------------------
+    #: The base has an unquantized original to measure it against (the same checkpoint loaded as it is); a checkpoint
+    #: that is stored quantized has none.
+    has_original: ClassVar[bool] = True
+
+    def dequantized_weight(self, module: torch.nn.Module) -> torch.Tensor | None:
+        """The ``(out, in)`` weight a layer this backend quantized computes with, or ``None`` for any other module
+        (the fidelity callback compares it with the original weight)."""
+        return None
+
     # ----- after training ---------------------------------------------------------------------------------------------
     def save_trained(self, model: Any, log_dir: Path) -> Path | None:
         """Save a model at the end of ``fit`` in this backend's own format, when it has one; where it was saved."""

@@ -50,6 +50,15 @@ class BitNet(QuantBackend):
         # Under an adapter the ternary base is frozen and packed (QLoRA + BitNet); alone it trains (QAT).
         apply_bitnet(model, mode="frozen" if has_adapter else "qat")
 
+    def dequantized_weight(self, module: Any) -> Any:
+        from qlit.models.bitnet import BitLinear, PackedBitLinear, weight_dequant
+
+        if isinstance(module, PackedBitLinear):
+            return module.dequantized_weight()
+        if isinstance(module, BitLinear):
+            return weight_dequant(module.weight)
+        return None
+
     def save_trained(self, model: Any, log_dir: Path) -> Path:
         target = log_dir / PACKED_DIR
         save_packed(model, target)

@@ -29,6 +29,17 @@ class BitsAndBytes(QuantBackend):
         """The ``BitsAndBytesConfig`` for this spec."""
         raise NotImplementedError
 
+    def dequantized_weight(self, module: torch.nn.Module) -> torch.Tensor | None:
+        import bitsandbytes as bnb
+
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
+            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        if isinstance(module, bnb.nn.Linear8bitLt) and getattr(weight, "SCB", None) is not None:
+            # LLM.int8()'s row-wise absmax: int8 codes times the row's scale over 127.
+            return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127
+        return None
+
     def after_load(self, model: Any, device: torch.device) -> Any:
         # device_map already placed it.
         if device.type == "cpu":

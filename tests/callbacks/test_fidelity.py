@@ -1,0 +1,101 @@
+"""The fidelity callback: the stored base's weights and validation loss against the unquantized original, before any
+training, from the real quantized layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import ROOT, run_cli, scalars
+
+from qlit.batch import IGNORE_INDEX
+from qlit.models.loading import load_causal_lm
+from qlit.models.quantization import Quantization
+from qlit.study.compare import table
+from qlit.study.runs import collect_runs
+
+SHORT = (
+    *("--config", str(ROOT / "configs/demo.yaml")),
+    *("--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--latency.probe_samples", "0"),
+    *("--data.init_args.limit_val_samples", "32", "--fidelity.enabled", "true", "--fidelity.batches", "2"),
+)
+
+
+def original_model():
+    return load_causal_lm("qlit-tiny/qwen2", quantization=Quantization(), dtype="float32", device=torch.device("cpu"))
+
+
+def fit(tmp_path, mode: str, *extra: str):
+    dq = ["--model.init_args.quantization.double_quant", "false"] if mode != "nf4" else []
+    cli = run_cli(tmp_path / mode, "fit", *SHORT, "--model.init_args.quantization.mode", mode, *dq, *extra)
+    return cli, scalars(tmp_path / mode / "logs")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fidelity")
+    return tmp, {mode: fit(tmp, mode) for mode in ("int8", "nf4", "bitnet", "none")}
+
+
+def test_each_quantization_logs_its_reconstruction_error_in_the_order_of_its_bits(runs):
+    _, by_mode = runs
+    error = {mode: logged["fidelity/weight_rel_error"][0] for mode, (_, logged) in by_mode.items() if mode != "none"}
+    assert {mode: step for mode, (step, _) in error.items()} == {"int8": 0, "nf4": 0, "bitnet": 0}  # before training
+    value = {mode: v for mode, (_, v) in error.items()}
+    # 8 bits per weight, then 4, then ternary: each coarser grid reconstructs the weights worse.
+    assert 0 < value["int8"] < value["nf4"] < value["bitnet"] < 1
+    for mode, (_, logged) in by_mode.items():
+        if mode != "none":
+            assert logged["fidelity/weight_rel_error_max"][0][1] >= value[mode]
+    assert not any(tag.startswith("fidelity/") for tag in by_mode["none"][1])  # nothing to measure
+
+
+def test_the_nf4_error_is_the_one_of_bitsandbytes_own_round_trip(runs):
+    import bitsandbytes.functional as F
+
+    cli, logged = runs[1]["nf4"]
+    original = load_causal_lm(
+        "qlit-tiny/qwen2", quantization=Quantization(), dtype="float32", device=torch.device("cpu")
+    )
+    error = norm = 0.0
+    for name, module in original.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w = module.weight.detach()
+            packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+            error += float((w - F.dequantize_4bit(packed, state).float()).pow(2).sum())
+            norm += float(w.pow(2).sum())
+    assert logged["fidelity/weight_rel_error"][0][1] == pytest.approx(math.sqrt(error / norm), rel=1e-4)
+
+
+def test_the_base_loss_is_the_quantized_base_without_its_adapter_and_the_ratio_its_perplexity_factor(runs):
+    cli, logged = runs[1]["nf4"]
+    base, original = logged["fidelity/base_val_loss"][0][1], logged["fidelity/original_val_loss"][0][1]
+    assert logged["fidelity/perplexity_ratio"][0][1] == pytest.approx(math.exp(base - original), rel=1e-5)
+    assert base != pytest.approx(original, abs=1e-4)  # the 4-bit base computes something else
+    # The original's loss, computed here from the checkpoint on the same two validation batches.
+    model = original_model()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(cli.datamodule.val_dataloader()):
+            if i == 2:
+                break
+            n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            total, tokens = total + float(out.loss) * n, tokens + n
+    assert original == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_compare_shows_the_fidelity_columns(runs):
+    tmp, _ = runs
+    rows = {row["quantization"]: row for row in table(collect_runs([str(tmp)]))}
+    assert rows["nf4"]["fidelity/weight_rel_error"] > rows["int8"]["fidelity/weight_rel_error"]
+    assert rows["nf4"]["fidelity/perplexity_ratio"] > 0
+    assert rows["none"].get("fidelity/weight_rel_error") is None
+
+
+def test_a_negative_batch_count_is_refused_by_name(tmp_path, capsys):
+    from helpers import run_main
+
+    assert run_main("fit", *SHORT, "--fidelity.batches", "-1") != 0
+    assert "fidelity.batches must be 0 or more" in capsys.readouterr().err
