@@ -286,6 +286,23 @@ class QLitModule(pl.LightningModule):
             and self.model.config._attn_implementation == attention.VARLEN
         )
 
+    def load_original(self) -> Any:
+        """The base as its checkpoint stores it, unquantized, in the dtype the adapted layers compute in, on this
+        module's device and without an adapter: what the fidelity callback measures the stored base against.
+        ``None`` for a checkpoint that is itself stored quantized (it has no original here)."""
+        if not self.quantization.backend.has_original:
+            return None
+        model = load_causal_lm(
+            self.pretrained,
+            quantization=Quantization(mode="none"),
+            dtype=self.quantization.training_dtype(self.dtype_name) or self.dtype_name,
+            device=self.device,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self._attention(self.device),
+        )
+        return model.eval()
+
     def _attention(self, device: torch.device) -> str | None:
         if self.attn_implementation == attention.VARLEN:
             return attention.register()
@@ -379,14 +396,18 @@ class QLitModule(pl.LightningModule):
         self.test_metrics = self.task.metrics().clone(prefix="test/")
 
     # ----- steps ----------------------------------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> Any:
+    def forward(self, batch: Batch, model: Any = None) -> Any:
+        """The wrapped model's output (loss and logits) on ``batch``; ``model``: another model fed the same way (the
+        fidelity callback's unquantized original)."""
+        if model is None:
+            model = self.model
         if "cu_seq_lens" in batch:
             # A packed row: the restarting position ids let transformers' SDPA path build its per-sample mask, and
             # the sample bounds (flash-attention's keyword names) let the variable-length kernel skip any mask.
-            if self.graphs is not None and self.training and torch.is_grad_enabled():
+            if self.graphs is not None and self.training and torch.is_grad_enabled() and model is self.model:
                 batch = self.graphs.arm(batch)  # padded to the graphs' fixed shape
             bounds, longest = batch["cu_seq_lens"], batch["max_length"]
-            return self.model(
+            return model(
                 input_ids=batch["input_ids"],
                 position_ids=batch["position_ids"],
                 labels=batch["labels"],
@@ -398,7 +419,7 @@ class QLitModule(pl.LightningModule):
             )
         # return_dict named: a forward that falls back to config.use_return_dict (Liger's fused-loss forwards do)
         # reads a property transformers 5 deprecates, with a warning.
-        return self.model(
+        return model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
