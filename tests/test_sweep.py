@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT, run_main, write_study
 
 from qlit.errors import QlitError
-from qlit.study.sweep import STRATEGIES, load_study, merge
+from qlit.study.sweep import builtin_strategies, load_study, merge
 
 
 def adapter(cell):
@@ -160,7 +160,7 @@ def test_every_built_in_strategy_parses(tmp_path):
         write_study(
             tmp_path,
             {
-                "strategies": {name: None for name in STRATEGIES},
+                "strategies": {name: None for name in builtin_strategies()},
                 "set": {"model.init_args.quantization.compute_dtype": "float32"},
                 "output": str(tmp_path / "out"),
                 # Prefix tuning cannot train with recomputation, the default policy of a study's cells.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -85,31 +86,35 @@ def _adapter(class_path: str, **identity: Any) -> dict[str, Any]:
 
 def _builtin(
     adapter: dict[str, Any] | None,
-    quantization: tuple[str, bool | None] | None = None,
+    quantization: Mapping[str, Any] | None = None,
     **defaults: Any,
 ) -> dict[str, Any]:
     fragment: dict[str, Any] = {"model.init_args.adapter": adapter}
     if quantization is not None:
-        fragment["model.init_args.quantization"] = {"mode": quantization[0], "double_quant": quantization[1]}
+        fragment["model.init_args.quantization"] = dict(quantization)
     return {"set": fragment, "defaults": {"model.init_args.adapter.init_args": defaults} if defaults else {}}
 
 
 _LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}  # the QLoRA recipe's, on every layer
 
+
+def _backend_builtin(strategy: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend's declared strategy (:attr:`qlit.models.quant.QuantBackend.strategies`) as a built-in."""
+    quantization = {k: v for k, v in strategy.items() if k != "lora"}
+    if strategy.get("lora"):
+        return _builtin(_adapter("peft.LoraConfig"), quantization, **_LORA_DEFAULTS)
+    return _builtin(None, quantization)
+
+
 #: Built-in strategies. ``set`` is what makes the technique (how the base is stored, which adapter) and always
 #: applies; ``defaults`` are the adapter's hyperparameters where the config gives none (a base config with a LoRA
 #: keeps its own rank). The techniques set the quantization; the peft methods leave it to the base config or an axis.
 #: A cell's label is the technique its config amounts to (``QLoRA (NF4 + DQ)``, ``IA3 on 8-bit``) unless the study's
-#: strategy names one.
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "full": _builtin(None, ("none", None)),
-    "lora": _builtin(_adapter("peft.LoraConfig"), ("none", None), **_LORA_DEFAULTS),
-    "lora-int8": _builtin(_adapter("peft.LoraConfig"), ("int8", None), **_LORA_DEFAULTS),
-    "qlora": _builtin(_adapter("peft.LoraConfig"), ("nf4", True), **_LORA_DEFAULTS),
-    "qlora-nf4": _builtin(_adapter("peft.LoraConfig"), ("nf4", False), **_LORA_DEFAULTS),
-    "qlora-fp4": _builtin(_adapter("peft.LoraConfig"), ("fp4", False), **_LORA_DEFAULTS),
-    "bitnet": _builtin(None, ("bitnet", None)),
-    "qlora-bitnet": _builtin(_adapter("peft.LoraConfig"), ("bitnet", None), **_LORA_DEFAULTS),
+#: strategy names one. Each quantization backend declares its own techniques (8-bit + LoRA, QLoRA, BitNet, ...):
+#: :func:`builtin_strategies` adds them after ``full`` and ``lora``.
+PEFT_STRATEGIES: dict[str, dict[str, Any]] = {
+    "full": _builtin(None, {"mode": "none", "double_quant": None}),
+    "lora": _builtin(_adapter("peft.LoraConfig"), {"mode": "none", "double_quant": None}, **_LORA_DEFAULTS),
     "dora": _builtin(_adapter("peft.LoraConfig", use_dora=True, use_rslora=False), **_LORA_DEFAULTS),
     "rslora": _builtin(_adapter("peft.LoraConfig", use_rslora=True, use_dora=False), **_LORA_DEFAULTS),
     # AdaLoRA needs the run's length: a study sets model.init_args.adapter.init_args.total_step.
@@ -123,6 +128,18 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "prefix-tuning": _builtin(_adapter("peft.PrefixTuningConfig"), num_virtual_tokens=8),
     "p-tuning": _builtin(_adapter("peft.PromptEncoderConfig"), num_virtual_tokens=8),
 }
+
+
+@functools.cache
+def builtin_strategies() -> dict[str, dict[str, Any]]:
+    """Every built-in strategy: ``full``, ``lora``, the quantization backends' techniques, then the peft methods
+    (the backends are imported here, when a study is read, so that ``qlit compare`` stays light)."""
+    from qlit.models.quant import backend_strategies
+
+    first, rest = dict(list(PEFT_STRATEGIES.items())[:2]), dict(list(PEFT_STRATEGIES.items())[2:])
+    declared = {name: _backend_builtin(strategy) for name, strategy in backend_strategies().items()}
+    return {**first, **declared, **rest}
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -361,6 +378,7 @@ def _strategies(value: Any, where: str) -> list[Strategy]:
             f"{where}: 'strategies' must be a mapping of names to strategies (or a list of built-in names)."
         )
     out = []
+    builtins = builtin_strategies()
     for name, spec in value.items():
         here = f"{where}: strategy '{name}'"
         if not isinstance(name, str) or not _NAME.match(name):
@@ -369,19 +387,19 @@ def _strategies(value: Any, where: str) -> list[Strategy]:
         if not isinstance(spec, Mapping):
             raise QlitError(f"{here} must be a mapping with keys {', '.join(STRATEGY_KEYS)}.")
         _known_keys(spec, STRATEGY_KEYS, here)
-        builtin = spec.get("from", name if name in STRATEGIES else None)
-        if builtin is not None and builtin not in STRATEGIES:
-            raise QlitError(f"{here}: 'from: {builtin}' is no built-in strategy: use one of {', '.join(STRATEGIES)}.")
+        builtin = spec.get("from", name if name in builtins else None)
+        if builtin is not None and builtin not in builtins:
+            raise QlitError(f"{here}: 'from: {builtin}' is no built-in strategy: use one of {', '.join(builtins)}.")
         if builtin is None and "set" not in spec:
             raise QlitError(
                 f"{here} is no built-in strategy and has no 'set': give its config fragment, or name a built-in "
-                f"({', '.join(STRATEGIES)})."
+                f"({', '.join(builtins)})."
             )
         fragments = [_fragment(spec.get("set"), f"{here}: 'set'")]
         defaults: dict[str, Any] = {}
         if builtin is not None:
-            fragments.insert(0, _fragment(STRATEGIES[builtin]["set"], here))
-            defaults = _fragment(STRATEGIES[builtin]["defaults"], here)
+            fragments.insert(0, _fragment(builtins[builtin]["set"], here))
+            defaults = _fragment(builtins[builtin]["defaults"], here)
         label = spec.get("label")
         if label is not None and not isinstance(label, str):
             raise QlitError(f"{here}: 'label' must be text, got {label!r}.")
@@ -972,7 +990,7 @@ def _listing(study: Study, states: Mapping[str, CellState], finished: Any, refus
 
 def list_strategies() -> str:
     """The built-in strategies as YAML: their labels and config fragments."""
-    return yaml.safe_dump(STRATEGIES, sort_keys=False)
+    return yaml.safe_dump(builtin_strategies(), sort_keys=False)
 
 
 # ----- command line ---------------------------------------------------------------------------------------------------

@@ -9,9 +9,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from qlit.models.quant.base import QuantBackend, QuantSpec, backend_class, backend_modes, described_backend
+from qlit.models.quant.base import (
+    QuantBackend,
+    QuantSpec,
+    backend_class,
+    backend_modes,
+    backend_strategies,
+    described_backend,
+)
 
-__all__ = ["QuantBackend", "QuantSpec", "backend_class", "backend_modes", "described_backend"]
+__all__ = ["QuantBackend", "QuantSpec", "backend_class", "backend_modes", "backend_strategies", "described_backend"]
 
 
 def _import_backends() -> None:

@@ -66,6 +66,11 @@ class QuantBackend:
     #: any other is refused when the spec is built. :meth:`check_options` checks their values.
     options: ClassVar[tuple[str, ...]] = ()
 
+    #: The built-in study strategies this backend brings to ``qlit sweep``: a name, and the ``quantization`` fields
+    #: that make it plus ``"lora": True`` where a LoRA (the QLoRA recipe's: r 16, alpha 32, every linear layer)
+    #: trains on the base, e.g. ``{"qlora": {"mode": "nf4", "double_quant": True, "lora": True}}``.
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {}
+
     #: How a study names the base stored in each of ``modes`` (``8-bit``, ``NF4``; ``""``: the base as it is); a mode
     #: missing here is named as it is.
     labels: ClassVar[dict[str, str]] = {}
@@ -184,6 +189,17 @@ def described_backend(mode: object) -> type[QuantBackend]:
     """The backend class serving ``mode`` as a run's config records it, or :class:`QuantBackend` itself for a mode no
     backend serves (any more): its defaults name it as it is."""
     return _BACKENDS.get(mode, QuantBackend) if isinstance(mode, str) else QuantBackend
+
+
+def backend_strategies() -> dict[str, dict[str, Any]]:
+    """Every backend's built-in study strategies (:attr:`QuantBackend.strategies`), in the order of the modes."""
+    out: dict[str, dict[str, Any]] = {}
+    for cls in dict.fromkeys(_BACKENDS.values()):
+        for name, strategy in cls.strategies.items():
+            if name in out:
+                raise TypeError(f"study strategy '{name}' is declared by two backends, the second {cls}.")
+            out[name] = strategy
+    return out
 
 
 def backend_modes() -> tuple[str, ...]:

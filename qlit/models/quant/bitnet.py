@@ -24,6 +24,10 @@ class BitNet(QuantBackend):
     packs_weights: ClassVar[bool] = True  # under an adapter, the only case adapter_refusal is asked about
     # No fast path: its layers are not recorded as CUDA graphs, and the fused LoRA reads bitsandbytes' 4-bit weights.
     labels: ClassVar[dict[str, str]] = {"bitnet": "BitNet"}
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "bitnet": {"mode": "bitnet", "double_quant": None},  # trained through its ternary weights (QAT)
+        "qlora-bitnet": {"mode": "bitnet", "double_quant": None, "lora": True},
+    }
 
     @classmethod
     def technique_label(

@@ -53,6 +53,9 @@ class Int8(BitsAndBytes):
     modes: ClassVar[tuple[str, ...]] = ("int8",)
     # LLM.int8()'s outlier split is not recorded as CUDA graphs here.
     labels: ClassVar[dict[str, str]] = {"int8": "8-bit"}
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "lora-int8": {"mode": "int8", "double_quant": None, "lora": True}
+    }
 
     @classmethod
     def technique_label(
@@ -94,6 +97,11 @@ class FourBit(BitsAndBytes):
     allows_cuda_graphs: ClassVar[bool] = True
     allows_fused_lora: ClassVar[bool] = True
     labels: ClassVar[dict[str, str]] = {"nf4": "NF4", "fp4": "FP4"}
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "qlora": {"mode": "nf4", "double_quant": True, "lora": True},
+        "qlora-nf4": {"mode": "nf4", "double_quant": False, "lora": True},
+        "qlora-fp4": {"mode": "fp4", "double_quant": False, "lora": True},
+    }
 
     @classmethod
     def technique_label(
