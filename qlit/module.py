@@ -340,7 +340,7 @@ class QLitModule(pl.LightningModule):
         if self.adapter is None:
             return model
         try:
-            return get_peft_model(model, self.adapter)
+            return get_peft_model(model, backend.adapter_config(self.adapter, model))
         except (ValueError, TypeError, NotImplementedError) as err:  # peft names what it cannot wrap
             raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
 

@@ -113,6 +113,7 @@ def report_rows(entries: Sequence[Entry]) -> list[Row]:
                     described.get("adapter"),
                     described.get("double_quant"),
                     described.get("compute_dtype"),
+                    described.get("bits"),
                 )
         for stage, run in entry.stages.items():
             staged = run_row(run)

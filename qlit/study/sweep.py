@@ -534,7 +534,9 @@ _IN_TECHNIQUE = ("quantization", "quantization.mode", "quantization.double_quant
 
 def _technique_of(config: Mapping[str, Any]) -> str | None:
     d = describe_config(config)
-    return technique(d.get("quantization"), d.get("adapter"), d.get("double_quant"), d.get("compute_dtype"))
+    return technique(
+        d.get("quantization"), d.get("adapter"), d.get("double_quant"), d.get("compute_dtype"), d.get("bits")
+    )
 
 
 def _combine(axes: dict[str, list[tuple[str, Any]]], combine: str, where: str) -> list[list[tuple[str, str, Any]]]:

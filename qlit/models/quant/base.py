@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -31,6 +31,17 @@ class QuantSpec(Protocol):
 
     @property
     def uses_double_quant(self) -> bool: ...
+
+
+class PackedLayer(NamedTuple):
+    """A quantized layer whose parameters and buffers misstate what it stores (:meth:`QuantBackend.packed_layers`)."""
+
+    #: Its parameters or buffers that hold packed weights (their ``numel`` is not the weights they stand for).
+    packed: tuple[torch.Tensor, ...]
+    #: The parameters the layer stands for (``out × in``, plus its bias where ``hidden`` holds it).
+    numel: int
+    #: What it keeps outside any parameter or buffer (scales, zero points, a bias): counted in the weights' size.
+    hidden: tuple[torch.Tensor, ...]
 
 
 class QuantBackend:
@@ -87,14 +98,21 @@ class QuantBackend:
 
     # ----- how a study names it ---------------------------------------------------------------------------------------
     @classmethod
-    def base_label(cls, mode: str, *, double_quant: bool | None = None) -> str:
-        """How a study names a base stored in ``mode`` (``NF4 + DQ``, ``8-bit``; ``""`` for the base as it is)."""
+    def base_label(cls, mode: str, *, double_quant: bool | None = None, bits: int | None = None) -> str:
+        """How a study names a base stored in ``mode`` (``NF4 + DQ``, ``8-bit``; ``""`` for the base as it is);
+        ``bits``: the spec's ``bits`` as the run recorded it, for the modes that offer several."""
         label = cls.labels.get(mode, mode)
         return f"{label} + DQ" if double_quant and cls.is_4bit else label
 
     @classmethod
     def technique_label(
-        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+        cls,
+        mode: str,
+        adapter: str | None,
+        *,
+        double_quant: bool | None = None,
+        dtype: str | None = None,
+        bits: int | None = None,
     ) -> str | None:
         """The name of the technique that trains a base stored in ``mode`` with ``adapter`` (a peft config's class
         name, ``full`` for none), where it has one of its own (``QLoRA (NF4 + DQ)``, ``full fine-tuning (fp32)``);
@@ -105,6 +123,7 @@ class QuantBackend:
             adapter: the peft config's class name (``LoraConfig``, ``LoraConfig+dora``), ``full`` or ``None``.
             double_quant: whether the quantization constants are quantized too.
             dtype: the dtype the run trained in (``float32``).
+            bits: the spec's ``bits`` (``None``: not set, the mode's default), for the modes that offer several.
         """
         if adapter == "full":
             return "full fine-tuning" + (f" ({_DTYPE_LABELS[dtype]})" if dtype in _DTYPE_LABELS else "")
@@ -152,6 +171,17 @@ class QuantBackend:
 
     def convert(self, model: Any, *, has_adapter: bool) -> None:
         """Change the loaded model's layers in place, before peft wraps it (nothing for a base loaded as stored)."""
+
+    def adapter_config(self, adapter: Any, model: Any) -> Any:
+        """The peft config that wraps the converted ``model``: ``adapter`` itself, unless this base's layers need
+        it spelled out (peft's ``target_modules: all-linear`` finds ``nn.Linear`` layers only)."""
+        return adapter
+
+    def packed_layers(self, model: Any) -> list[PackedLayer]:
+        """The layers of ``model`` whose parameters and buffers misstate what they store, for the weights' count
+        and size (``params/total``, ``params/weight_gib``); none by default (bitsandbytes' 4-bit tensors carry
+        their shape and constants in ``quant_state``, which the count reads)."""
+        return []
 
     # ----- fidelity: what the stored base computes with ---------------------------------------------------------------
     #: The base has an unquantized original to measure it against (the same checkpoint loaded as it is); a checkpoint

@@ -31,13 +31,19 @@ class BitNet(QuantBackend):
 
     @classmethod
     def technique_label(
-        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+        cls,
+        mode: str,
+        adapter: str | None,
+        *,
+        double_quant: bool | None = None,
+        dtype: str | None = None,
+        bits: int | None = None,
     ) -> str | None:
         if adapter == "full":
             return "BitNet b1.58"  # trained through its ternary weights (QAT)
         if adapter == "LoraConfig":
             return "QLoRA + BitNet"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig

@@ -59,11 +59,17 @@ class Int8(BitsAndBytes):
 
     @classmethod
     def technique_label(
-        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+        cls,
+        mode: str,
+        adapter: str | None,
+        *,
+        double_quant: bool | None = None,
+        dtype: str | None = None,
+        bits: int | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return "8-bit + LoRA"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig
@@ -105,11 +111,17 @@ class FourBit(BitsAndBytes):
 
     @classmethod
     def technique_label(
-        cls, mode: str, adapter: str | None, *, double_quant: bool | None = None, dtype: str | None = None
+        cls,
+        mode: str,
+        adapter: str | None,
+        *,
+        double_quant: bool | None = None,
+        dtype: str | None = None,
+        bits: int | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return f"QLoRA ({cls.base_label(mode, double_quant=double_quant)})"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
 
     def bnb_config(self) -> Any:
         from transformers import BitsAndBytesConfig
