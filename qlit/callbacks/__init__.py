@@ -28,6 +28,11 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `params/weight_gib` | GiB | storage of parameters and buffers (with 4-bit scales): shows the quantization saving |
 | `params/bitnet_weight_gib` | GiB | BitNet: storage of the ternary projection weights (2-bit packed when frozen) |
 | `params/bitnet_bf16_gib` | GiB | BitNet runs: what the same projection weights would occupy in bf16 |
+| `fidelity/weight_rel_error` | ratio | at step 0 when enabled: projections' ‖W − Ŵ‖ / ‖W‖ against the checkpoint |
+| `fidelity/weight_rel_error_max` | ratio | the same for the worst layer |
+| `fidelity/base_val_loss` | nats/token | the stored base's validation loss before training, its adapter off |
+| `fidelity/original_val_loss` | nats/token | the unquantized checkpoint's loss on the same batches |
+| `fidelity/perplexity_ratio` | ratio | `exp(base − original)`: what quantizing multiplies perplexity by |
 | `val/latency_ms_mean` | ms | latency probe: mean time to generate a fixed number of tokens for one of fixed prompts |
 | `val/latency_ms_p95` | ms | 95th percentile of that latency |
 | `val/gen_tokens_per_sec` | tokens/s | the probe's generated tokens per second of generation time, all devices |

@@ -39,6 +39,8 @@ _SHOWN = {
     "params/trainable": "trainable params",
     "params/total": "total params",
     "params/weight_gib": "weights GiB",
+    "fidelity/weight_rel_error": "weight error",
+    "fidelity/perplexity_ratio": "base ppl ×",
     "peak_memory_gib": "peak memory GiB",
     "time/fit_seconds": "train time s",
     "train/tokens_per_sec": "tokens/s",
@@ -52,6 +54,8 @@ _SHOWN = {
 }
 _BETTER = {
     "params/weight_gib": False,
+    "fidelity/weight_rel_error": False,
+    "fidelity/perplexity_ratio": False,
     "peak_memory_gib": False,
     "time/fit_seconds": False,
     "train/tokens_per_sec": True,
@@ -284,7 +288,9 @@ def _table(rows: Sequence[Row], spec: MetricSpec) -> str:
     shown += [("quantization", "quantization"), ("rank", "rank"), ("model", "model")]
     shown += [("steps", "steps"), ("epochs", "epochs")]
     shown += [(k, _header(k)) for k in ("train/tokens_seen", "params/trainable_ratio", "params/trainable")]
-    shown += [(k, _header(k)) for k in ("params/total", "params/weight_gib", "peak_memory_gib", "time/fit_seconds")]
+    shown += [(k, _header(k)) for k in ("params/total", "params/weight_gib")]
+    shown += [(k, _header(k)) for k in ("fidelity/weight_rel_error", "fidelity/perplexity_ratio")]
+    shown += [(k, _header(k)) for k in ("peak_memory_gib", "time/fit_seconds")]
     shown += [(k, _header(k)) for k in ("train/tokens_per_sec", "train/step_time_sec")]
     shown += [(s.name, _header(s.name, s)) for s in task_specs]
     shown += [(k, _header(k)) for k in ("val/loss", "val/perplexity", "val/latency_ms_mean")]
@@ -358,7 +364,19 @@ def _column_notes(rows: Sequence[Row]) -> list[str]:
         "(validation excluded). The task's metrics, loss and perplexity: the last validation of the trained model. "
         "latency: mean per-sample time of a greedy `generate` in validation. `before:` the untrained model (the base, "
         "with LoRA or IA3 at their identity initialisation).",
+        *_fidelity_note(rows),
         "",
+    ]
+
+
+def _fidelity_note(rows: Sequence[Row]) -> list[str]:
+    if not any(r.get("fidelity/weight_rel_error") is not None for r in rows):
+        return []
+    return [
+        "",
+        "weight error: the quantized projections' relative reconstruction error ‖W − Ŵ‖ / ‖W‖ against the unquantized "
+        "checkpoint, before training; base ppl ×: the factor the stored base (no adapter) multiplies the original's "
+        "validation perplexity by, before training (the fidelity callback).",
     ]
 
 

@@ -99,3 +99,15 @@ def test_a_negative_batch_count_is_refused_by_name(tmp_path, capsys):
 
     assert run_main("fit", *SHORT, "--fidelity.batches", "-1") != 0
     assert "fidelity.batches must be 0 or more" in capsys.readouterr().err
+
+
+def test_a_study_report_shows_the_fidelity_columns_and_says_what_they_are(runs, tmp_path):
+    from qlit.study.report import Entry, write_report
+
+    tmp, _ = runs
+    by_mode = {run.hparams.get("quantization"): run for run in collect_runs([str(tmp)])}
+    entries = [Entry(mode, run=by_mode[mode]) for mode in ("none", "int8", "nf4")]
+    report = write_report(entries, tmp_path / "report", "Study: fidelity")[0].read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| technique"))
+    assert "weight error ↓" in header and "base ppl × ↓" in header
+    assert "relative reconstruction error" in report
