@@ -20,11 +20,11 @@ from torchmetrics import MeanMetric, MetricCollection
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.errors import QlitError
 from qlit.models import attention, layers, memory_plan
-from qlit.models.adapters import adapter_base, check_adapter, load_adapter
+from qlit.models.adapters import adapter_base, check_adapter, check_adapter_storage, load_adapter
 from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
 from qlit.models.graphs import GraphsChoice, LayerGraphs, check_graphs, graphable_layers, recordable
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
-from qlit.models.loading import load_causal_lm, same_base
+from qlit.models.loading import checkpoint_quantization, load_causal_lm, same_base
 from qlit.models.offload import Offloader, offload_layers
 from qlit.models.quantization import Quantization
 from qlit.naming import adapter_name
@@ -153,6 +153,11 @@ class QLitModule(pl.LightningModule):
             if not (isinstance(value, bool) or value == "auto"):
                 raise QlitError(f"model.{name} must be true, false or auto, got {value!r}.")
         _check_optimizer(optimizer, lr_scheduler)
+        # A checkpoint stored quantized (GPTQ, AWQ, bitsandbytes 4-bit) decides the mode, and a quantization block
+        # that contradicts it fails here; a hub id's config is read when the model is configured, before its weights.
+        quantization = checkpoint_quantization(
+            pretrained, quantization, revision=revision, trust_remote_code=trust_remote_code, local_only=True
+        )
         if adapter is None and adapter_path is None:
             quantization.backend.check_full_fine_tuning()
         if adapter is not None:
@@ -173,6 +178,7 @@ class QLitModule(pl.LightningModule):
         self.allow_base_mismatch = allow_base_mismatch
         if adapter_path is not None:
             self.check_base(adapter_base(adapter_path), f"model.adapter_path '{adapter_path}'")
+            check_adapter_storage(adapter_path, quantization)
         self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -247,6 +253,15 @@ class QLitModule(pl.LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        quantization = checkpoint_quantization(
+            self.pretrained, self.quantization, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
+        if quantization != self.quantization:  # a hub checkpoint stored quantized: what the config read could not
+            if self.adapter is not None:
+                check_adapter(self.adapter, quantization, gradient_checkpointing=self.gradient_checkpointing)
+            elif self.adapter_path is None:
+                quantization.backend.check_full_fine_tuning()
+            self.quantization = quantization
         model = load_causal_lm(
             self.pretrained,
             quantization=self.quantization,

@@ -73,6 +73,28 @@ def adapter_base(adapter_path: str) -> str | None:
     return name if isinstance(name, str) and is_hub_id(name) else None
 
 
+def check_adapter_storage(adapter_path: str, quantization: Quantization) -> None:
+    """Refuse an adapter trained on a checkpoint stored quantized (GPTQ, AWQ, ...) for a base stored otherwise: it
+    learned to correct that checkpoint's rounding, and its weights load onto any other base without an error.
+
+    Args:
+        adapter_path: the adapter directory (peft format), with the ``qlit_base.json`` qlit writes beside it.
+        quantization: how the base it is loaded onto is stored.
+    """
+    from qlit.models.quant import described_backend
+
+    record = Path(adapter_path).expanduser() / QLIT_BASE_FILE
+    stored = (_read_json(record).get("quantization") or {}) if record.is_file() else {}
+    trained = {key: stored.get(key) for key in ("mode", "bits")}
+    here = {"mode": quantization.mode, "bits": quantization.bits}
+    if described_backend(trained["mode"]).stored_format and trained != here:
+        raise QlitError(
+            f"model.adapter_path '{adapter_path}' was trained on a checkpoint stored as quantization.mode "
+            f"{trained['mode']} (bits {trained['bits']}), but this base is stored as mode {here['mode']} (bits "
+            f"{here['bits']}): load it onto the checkpoint it was trained on."
+        )
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())

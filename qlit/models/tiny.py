@@ -45,6 +45,14 @@ _SHAPED: dict[str, dict[str, Any]] = {
     "gpt2-124m": {"config_class": "GPT2Config", "chat": False, "config": GPT2_124M},
 }
 
+#: Tiny models stored quantized, as compressed-tensors writes them (``qlit.models.quant.prequantized``): the
+#: architecture and the method that quantizes it, 4-bit weights in groups of 32.
+_QUANTIZED: dict[str, dict[str, Any]] = {
+    f"{arch}-{method}": {**_ARCHITECTURES[arch], "quantize": method}
+    for arch in ("qwen2", "llama")
+    for method in ("gptq", "awq")
+}
+
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _VOCAB_SIZE = 1024
 
@@ -59,12 +67,20 @@ def is_tiny(name: str) -> bool:
     return name.startswith((TINY_PREFIX, RANDOM_PREFIX))
 
 
+def stores_quantized(name: str) -> bool:
+    """Whether ``name`` is a tiny model qlit builds stored quantized (``qlit-tiny/qwen2-gptq``)."""
+    return name.startswith(TINY_PREFIX) and name[len(TINY_PREFIX) :] in _QUANTIZED
+
+
 def _spec(name: str) -> tuple[str, dict[str, Any]]:
     """The cache folder's stem and the build spec of ``name``."""
     table, prefix = (_SHAPED, RANDOM_PREFIX) if name.startswith(RANDOM_PREFIX) else (_ARCHITECTURES, TINY_PREFIX)
     key = name[len(prefix) :]
+    if stores_quantized(name):
+        return key, _QUANTIZED[key]
     if key not in table:
-        known = [TINY_PREFIX + a for a in tiny_architectures()] + [RANDOM_PREFIX + s for s in sorted(_SHAPED)]
+        known = [TINY_PREFIX + a for a in [*tiny_architectures(), *sorted(_QUANTIZED)]]
+        known += [RANDOM_PREFIX + s for s in sorted(_SHAPED)]
         raise QlitError(f"Unknown qlit model '{name}': qlit builds {', '.join(known)}.")
     return (key if table is _ARCHITECTURES else f"random-{key}"), table[key]
 
@@ -162,3 +178,7 @@ def _build(spec: dict[str, Any], directory: str | os.PathLike, corpus: list[str]
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if spec.get("quantize"):
+        from qlit.models.quant.prequantized import quantize_checkpoint
+
+        quantize_checkpoint(directory, directory, method=spec["quantize"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -160,6 +161,23 @@ class QuantBackend:
         if device.type == "cpu" and self.quantized and self.spec.compute_dtype == "float16":
             raise QlitError("quantization.compute_dtype float16 is not supported on CPU: use bfloat16 or float32.")
 
+    # ----- a checkpoint stored quantized ------------------------------------------------------------------------------
+    #: The mode names a quantization the checkpoint is stored in (its ``config.json``'s ``quantization_config``), not
+    #: one applied while loading: it loads no other checkpoint, and an adapter trained on it loads onto no other base.
+    stored_format: ClassVar[bool] = False
+    #: The mode stands for whatever quantization the checkpoint is stored in (as the default mode does).
+    adopts_stored: ClassVar[bool] = False
+
+    @classmethod
+    def stored_spec(
+        cls, stored: Mapping[str, Any], *, name: str, read_file: Callable[[str], str | None]
+    ) -> dict[str, Any] | None:
+        """The spec's fields (``mode`` first) for model ``name``, stored quantized as ``stored`` (its
+        ``quantization_config``) says, where this backend loads such a checkpoint as it is stored; ``None`` where it
+        does not. ``read_file`` reads another file of the checkpoint (``None`` where it has none of that name). A
+        checkpoint of this backend's kind that it cannot load is one sentence (``QlitError``)."""
+        return None
+
     # ----- loading and training ---------------------------------------------------------------------------------------
     def load_kwargs(self, device: torch.device) -> dict[str, Any]:
         """What ``from_pretrained`` needs besides the dtype to load the base stored this way on ``device``."""
@@ -230,6 +248,18 @@ def backend_strategies() -> dict[str, dict[str, Any]]:
                 raise TypeError(f"study strategy '{name}' is declared by two backends, the second {cls}.")
             out[name] = strategy
     return out
+
+
+def stored_quantization(
+    stored: Mapping[str, Any], *, name: str, read_file: Callable[[str], str | None]
+) -> dict[str, Any] | None:
+    """The spec's fields for model ``name`` stored quantized as ``stored`` says, from the first backend that loads
+    such a checkpoint (:meth:`QuantBackend.stored_spec`); ``None`` where none does."""
+    for cls in dict.fromkeys(_BACKENDS.values()):
+        fields = cls.stored_spec(stored, name=name, read_file=read_file)
+        if fields is not None:
+            return fields
+    return None
 
 
 def backend_modes() -> tuple[str, ...]:
