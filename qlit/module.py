@@ -716,21 +716,50 @@ class QLitModule(pl.LightningModule):
         # Every rank asks for the run directory, since trainer.log_dir is a broadcast from rank 0: asked from rank 0
         # alone (inside a rank-zero-only method) it waits for ranks that never join. Then rank 0 alone writes.
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.save_adapter and self.has_adapter:
+        adapter_saved = self.save_adapter and self.has_adapter
+        if adapter_saved:
             self._save_adapter(log_dir)
-        else:
-            self._save_trained(log_dir)
+        self._save_trained(log_dir, adapter_saved)
 
     @rank_zero_only
-    def _save_trained(self, log_dir: Path) -> None:
-        # A base with a format of its own (BitNet's packed ternary weights) is saved in it, beside its tokenizer.
-        target = self.quantization.backend.save_trained(self.model, log_dir)
-        if target is None:
+    def _save_trained(self, log_dir: Path, adapter_saved: bool) -> None:
+        # A base with a format of its own (BitNet's packed ternary weights, QAT's converted one) is saved in it,
+        # beside its tokenizer.
+        done = self.quantization.backend.finish_fit(
+            self.model, log_dir, adapter_saved=adapter_saved, validation_loss=self.validation_loss
+        )
+        if done.metrics:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(dict(done.metrics), step=self.global_step)
+        if done.line:
+            rank_zero_info(done.line)
+        if done.saved_to is None:
             return
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(target))
-        self.saved_to = target
-        log.info("trained model saved to %s", target)
+            self.tokenizer.save_pretrained(str(done.saved_to))
+        if not adapter_saved:  # else the adapter is what the fit trained, and its record names the base
+            self.saved_to = done.saved_to
+        log.info("trained model saved to %s", done.saved_to)
+
+    @torch.no_grad()
+    def validation_loss(self, model: Any = None) -> float | None:
+        """The token-weighted loss of ``model`` (default: the trained one) over the DataModule's validation data,
+        fed as the trained model is; ``None`` without validation data."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return None
+        was_training = self.training
+        self.eval()
+        total = tokens = 0.0
+        try:
+            for batch in datamodule.val_dataloader():
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                total += float(self(batch, model=model).loss) * n
+                tokens += n
+        finally:
+            self.train(was_training)
+        return total / tokens if tokens else None
 
     @rank_zero_only
     def _save_adapter(self, log_dir: Path) -> None:

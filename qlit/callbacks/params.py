@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from qlit.callbacks import _board
 from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
@@ -57,6 +58,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
     def add(t: Any) -> None:
         nonlocal nbytes
+        if is_traceable_wrapper_subclass(t):  # a tensor subclass (torchao's) holds its data in plain inner tensors
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
         if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             nbytes += t.numel() * t.element_size()

@@ -118,6 +118,7 @@ def report_rows(entries: Sequence[Entry]) -> list[Row]:
                     described.get("double_quant"),
                     described.get("compute_dtype"),
                     described.get("bits"),
+                    described.get("scheme"),
                 )
         for stage, run in entry.stages.items():
             staged = run_row(run)

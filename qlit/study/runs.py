@@ -340,7 +340,12 @@ def run_row(run: Run) -> Row:
         "run": run.name,
         "task": hp.get("task"),
         "technique": technique(
-            hp.get("quantization"), hp.get("adapter"), hp.get("double_quant"), hp.get("compute_dtype"), hp.get("bits")
+            hp.get("quantization"),
+            hp.get("adapter"),
+            hp.get("double_quant"),
+            hp.get("compute_dtype"),
+            hp.get("bits"),
+            hp.get("scheme"),
         ),
         "model": hp.get("pretrained"),
         "quantization": hp.get("quantization"),

@@ -535,7 +535,12 @@ _IN_TECHNIQUE = ("quantization", "quantization.mode", "quantization.double_quant
 def _technique_of(config: Mapping[str, Any]) -> str | None:
     d = describe_config(config)
     return technique(
-        d.get("quantization"), d.get("adapter"), d.get("double_quant"), d.get("compute_dtype"), d.get("bits")
+        d.get("quantization"),
+        d.get("adapter"),
+        d.get("double_quant"),
+        d.get("compute_dtype"),
+        d.get("bits"),
+        d.get("scheme"),
     )
 
 

@@ -21,7 +21,8 @@ def describe_config(config: Mapping[str, Any]) -> dict[str, Any]:
     ``pretrained``, ``quantization`` (its mode), ``double_quant``, ``adapter`` (named as
     ``QLitModule.study_hparams`` names it), ``rank`` (LoRA, LoHa and LoKr's ``r``, AdaLoRA's ``target_r``) and
     ``task`` (the DataModule without its suffix, and its dataset: ``SST2 (qlit-samples/sst2)``). A key the config
-    does not settle is ``None``; ``bits`` (the quantization's, for the modes that offer several) is there when set.
+    does not settle is ``None``; ``bits`` and ``scheme`` (the quantization's, for the modes that offer several) are
+    there when set.
     """
     model = config.get("model")
     init = model.get("init_args", model) if isinstance(model, Mapping) else None
@@ -43,6 +44,7 @@ def describe_config(config: Mapping[str, Any]) -> dict[str, Any]:
     mode = quantization.get("mode", "none") if isinstance(quantization, Mapping) else None
     double_quant = quantization.get("double_quant") if isinstance(quantization, Mapping) else None
     bits = quantization.get("bits") if isinstance(quantization, Mapping) else None
+    scheme = quantization.get("scheme") if isinstance(quantization, Mapping) else None
     backend = _backend(mode) if mode is not None else None
     if backend is not None and double_quant is None:  # QLoRA's default: on for the 4-bit modes
         double_quant = backend.is_4bit
@@ -58,6 +60,7 @@ def describe_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "adapter": name,
         "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
         **({"bits": bits} if isinstance(bits, int) else {}),
+        **({"scheme": scheme} if isinstance(scheme, str) else {}),
     }
 
 
@@ -96,10 +99,12 @@ def technique(
     double_quant: bool | None = None,
     dtype: str | None = None,
     bits: int | None = None,
+    scheme: str | None = None,
 ) -> str | None:
     """The technique a run stands for, as a study names it: ``QLoRA (NF4 + DQ)``, ``8-bit + LoRA``, ``IA3 on NF4``,
-    ``full fine-tuning (fp32)``, ``BitNet b1.58``, ``HQQ 2-bit + LoRA`` (``bits``: the quantization's, where its mode
-    offers several); ``None`` where neither the quantization nor the adapter is known.
+    ``full fine-tuning (fp32)``, ``BitNet b1.58``, ``HQQ 2-bit + LoRA``, ``torchao int8 + LoRA`` (``bits``,
+    ``scheme``: the quantization's, where its mode offers several); ``None`` where neither the quantization nor the
+    adapter is known.
 
     The quantization's backend names the base and the techniques it has names for; the rest is the adapter's method
     on that base.
@@ -109,10 +114,11 @@ def technique(
     mode = quantization or "none"
     backend = _backend(mode)
     bits = bits if isinstance(bits, int) else None  # a run's record may hold anything
-    named = backend.technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
+    scheme = scheme if isinstance(scheme, str) else None
+    named = backend.technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits, scheme=scheme)
     if named is not None:
         return named
-    base = backend.base_label(mode, double_quant=double_quant, bits=bits)
+    base = backend.base_label(mode, double_quant=double_quant, bits=bits, scheme=scheme)
     method = _METHODS.get(adapter or "", (adapter or "?").removesuffix("Config"))
     return f"{method} on {base}" if base else method
 

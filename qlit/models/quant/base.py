@@ -45,6 +45,17 @@ class PackedLayer(NamedTuple):
     hidden: tuple[torch.Tensor, ...]
 
 
+class TrainedModel(NamedTuple):
+    """What the end of ``fit`` did with the trained model (:meth:`QuantBackend.finish_fit`)."""
+
+    #: Where the model was saved in the backend's own format (``None``: not saved).
+    saved_to: Path | None = None
+    #: Metrics to log at the last step (what a conversion cost, say).
+    metrics: Mapping[str, float] | None = None
+    #: One line for the console about it.
+    line: str | None = None
+
+
 class QuantBackend:
     """How one family of quantization modes stores, trains, saves and exports the base model.
 
@@ -99,9 +110,11 @@ class QuantBackend:
 
     # ----- how a study names it ---------------------------------------------------------------------------------------
     @classmethod
-    def base_label(cls, mode: str, *, double_quant: bool | None = None, bits: int | None = None) -> str:
+    def base_label(
+        cls, mode: str, *, double_quant: bool | None = None, bits: int | None = None, scheme: str | None = None
+    ) -> str:
         """How a study names a base stored in ``mode`` (``NF4 + DQ``, ``8-bit``; ``""`` for the base as it is);
-        ``bits``: the spec's ``bits`` as the run recorded it, for the modes that offer several."""
+        ``bits``, ``scheme``: the spec's as the run recorded them, for the modes that offer several."""
         label = cls.labels.get(mode, mode)
         return f"{label} + DQ" if double_quant and cls.is_4bit else label
 
@@ -114,6 +127,7 @@ class QuantBackend:
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         """The name of the technique that trains a base stored in ``mode`` with ``adapter`` (a peft config's class
         name, ``full`` for none), where it has one of its own (``QLoRA (NF4 + DQ)``, ``full fine-tuning (fp32)``);
@@ -125,6 +139,7 @@ class QuantBackend:
             double_quant: whether the quantization constants are quantized too.
             dtype: the dtype the run trained in (``float32``).
             bits: the spec's ``bits`` (``None``: not set, the mode's default), for the modes that offer several.
+            scheme: the spec's ``scheme`` (``None``: not set, the mode's default), for the modes that have several.
         """
         if adapter == "full":
             return "full fine-tuning" + (f" ({_DTYPE_LABELS[dtype]})" if dtype in _DTYPE_LABELS else "")
@@ -215,6 +230,18 @@ class QuantBackend:
     def save_trained(self, model: Any, log_dir: Path) -> Path | None:
         """Save a model at the end of ``fit`` in this backend's own format, when it has one; where it was saved."""
         return None
+
+    def finish_fit(
+        self, model: Any, log_dir: Path, *, adapter_saved: bool, validation_loss: Callable[[Any], float | None]
+    ) -> TrainedModel:
+        """The end of ``fit`` for the trained ``model``, after its adapter (if any) was saved in peft format: by
+        default a model trained without a saved adapter is saved in this backend's own format (:meth:`save_trained`).
+
+        A base trained in another form than the one it is deployed in (QAT's fake quantization) is converted here,
+        and the backend may say what that cost: ``validation_loss(m)`` is the token-weighted validation loss of a
+        model ``m`` fed as the trained one is (``None`` without validation data).
+        """
+        return TrainedModel(None if adapter_saved else self.save_trained(model, log_dir))
 
     def check_export(self, adapter: str, *, dequantize: bool) -> None:
         """Refuse merging adapter ``adapter`` into this base when a plain transformers model cannot hold it."""
