@@ -186,5 +186,5 @@ def test_the_mode_check_finds_each_way_of_comparing(code):
 
 
 def test_the_mode_check_leaves_other_comparisons_alone():
-    code = 'a = mode == "qat"\nb = kernels == "none"\nc = backend.quantized is True\nd = name == "nf4"\n'
+    code = 'a = mode == "latent"\nb = kernels == "none"\nc = backend.quantized is True\nd = name == "nf4"\n'
     assert list(mode_comparisons(code, backend_mode_names())) == []

@@ -165,7 +165,7 @@ def test_packed_and_unpacked_forwards_agree_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
-@pytest.mark.parametrize("mode", ["qat", "frozen"])
+@pytest.mark.parametrize("mode", ["latent", "frozen"])
 def test_apply_bitnet_replaces_exactly_the_projections(arch, mode):
     model = _tiny(arch)
     before = dict(model.named_modules())
@@ -174,7 +174,7 @@ def test_apply_bitnet_replaces_exactly_the_projections(arch, mode):
     replaced = apply_bitnet(model, mode=mode)
 
     assert replaced == _EXPECTED[arch]
-    cls = BitLinear if mode == "qat" else PackedBitLinear
+    cls = BitLinear if mode == "latent" else PackedBitLinear
     after = dict(model.named_modules())
     for name, module in after.items():
         if name in replaced:
@@ -199,7 +199,7 @@ def test_apply_bitnet_gpt2_conv1d_is_transposed_correctly():
     model = _tiny("gpt2")
     originals = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
     qat_model = _tiny("gpt2")
-    assert sorted(apply_bitnet(qat_model, mode="qat")) == sorted(originals)
+    assert sorted(apply_bitnet(qat_model, mode="latent")) == sorted(originals)
     frozen_model = _tiny("gpt2")
     apply_bitnet(frozen_model, mode="frozen")
     torch.manual_seed(1)
@@ -222,10 +222,10 @@ def test_apply_bitnet_errors_and_packing_after_qat():
         apply_bitnet(_tiny("qwen2"), mode="int4")  # type: ignore[arg-type]
     # Only the projections inside decoder layers are BitNet's: a model without any is refused, not left as it was.
     with pytest.raises(QlitError, match="no decoder layers in Sequential"):
-        apply_bitnet(nn.Sequential(nn.Linear(4, 4)), mode="qat")
+        apply_bitnet(nn.Sequential(nn.Linear(4, 4)), mode="latent")
     # QAT layers are packed by a later frozen pass: train with QAT, deploy packed.
     qat = _tiny("llama")
-    apply_bitnet(qat, mode="qat")
+    apply_bitnet(qat, mode="latent")
     ids = _batch()
     with torch.no_grad():
         qat_logits = qat(ids).logits
@@ -278,7 +278,7 @@ def test_lora_on_frozen_packed_base_trains():
 
 def test_qat_overfits_one_batch():
     model = _tiny("llama")
-    apply_bitnet(model, mode="qat")
+    apply_bitnet(model, mode="latent")
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, BitLinear) and layer.weight.requires_grad
     model.train()
@@ -310,7 +310,7 @@ def test_packed_base_is_at_most_a_sixth_of_bf16():
     assert report["bf16_bytes"] == 2 * weights
 
     qat = _tiny("qwen2")
-    apply_bitnet(qat, mode="qat")
+    apply_bitnet(qat, mode="latent")
     qat_report = bitnet_weight_bytes(qat)
     assert qat_report["resident_bytes"] == 4 * weights
     assert qat_report["packed_bytes"] == report["packed_bytes"]

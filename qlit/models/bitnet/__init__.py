@@ -5,7 +5,7 @@ of a Transformer with ``BitLinear``; BitNet b1.58 (Ma et al. 2024, "The Era of 1
 are in 1.58 Bits") makes its weights ternary, ``{-1, 0, +1}`` times one per-tensor scale, and quantises its input
 activations per token to 8 bits. Two modes are offered:
 
-* ``"qat"``: :class:`BitLinear` keeps full-precision latent weights, quantises weights and activations on the fly in
+* ``"latent"``: :class:`BitLinear` keeps full-precision latent weights, quantises weights and activations on the fly in
   the forward pass and trains the latent weights through a straight-through estimator (quantisation-aware training).
 * ``"frozen"``: :class:`PackedBitLinear` stores only the ternary weights, four to a byte, plus the scale and the bias;
   it is frozen and serves as the base of a LoRA adapter (peft wraps it like any ``nn.Linear``).

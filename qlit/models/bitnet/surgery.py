@@ -33,12 +33,12 @@ def _decoder_layer_names(model: nn.Module) -> list[str]:
     return outermost
 
 
-def apply_bitnet(model: nn.Module, *, mode: Literal["qat", "frozen"]) -> list[str]:
+def apply_bitnet(model: nn.Module, *, mode: Literal["latent", "frozen"]) -> list[str]:
     """Replace the projection layers of a Hugging Face decoder by BitNet b1.58 layers, in place.
 
     Only ``nn.Linear`` and GPT-2 ``Conv1D`` layers inside the decoder layers are candidates: embeddings, ``lm_head``
     and classification heads are never replaced, and nothing else in the model changes. Layers that already are
-    :class:`BitLinear` are packed in ``"frozen"`` mode (QAT, then pack for deployment) and kept in ``"qat"`` mode;
+    :class:`BitLinear` are packed in ``"frozen"`` mode (QAT, then pack for deployment) and kept in ``"latent"`` mode;
     :class:`PackedBitLinear` layers are kept.
 
     A packed model saved with ``model.state_dict()`` is restored by building the same architecture, calling
@@ -46,7 +46,7 @@ def apply_bitnet(model: nn.Module, *, mode: Literal["qat", "frozen"]) -> list[st
 
     Args:
         model: The model, e.g. from ``AutoModelForCausalLM``; apply before wrapping it with peft.
-        mode: ``"qat"`` for :class:`BitLinear` (trainable latent weights, keeping their ``requires_grad``) or
+        mode: ``"latent"`` for :class:`BitLinear` (trainable latent weights, keeping their ``requires_grad``) or
             ``"frozen"`` for :class:`PackedBitLinear` (packed, nothing trainable).
 
     Returns:
@@ -55,7 +55,7 @@ def apply_bitnet(model: nn.Module, *, mode: Literal["qat", "frozen"]) -> list[st
     Raises:
         QlitError: For an unknown mode or a model without decoder layers.
     """
-    if mode not in ("qat", "frozen"):
+    if mode not in ("latent", "frozen"):
         raise QlitError(f"BitNet mode must be 'qat' or 'frozen', got '{mode}'.")
     layers = _decoder_layer_names(model)
     if not layers:
@@ -67,9 +67,9 @@ def apply_bitnet(model: nn.Module, *, mode: Literal["qat", "frozen"]) -> list[st
     ]
     replaced: list[str] = []
     for name, module in candidates:
-        if isinstance(module, PackedBitLinear) or (mode == "qat" and isinstance(module, BitLinear)):
+        if isinstance(module, PackedBitLinear) or (mode == "latent" and isinstance(module, BitLinear)):
             continue
-        new = BitLinear.from_module(module) if mode == "qat" else PackedBitLinear.from_module(module)
+        new = BitLinear.from_module(module) if mode == "latent" else PackedBitLinear.from_module(module)
         new.train(module.training)
         model.set_submodule(name, new)
         replaced.append(name)

@@ -24,6 +24,7 @@ class BitNet(QuantBackend):
     packs_weights: ClassVar[bool] = True  # under an adapter, the only case adapter_refusal is asked about
     # No fast path: its layers are not recorded as CUDA graphs, and the fused LoRA reads bitsandbytes' 4-bit weights.
     labels: ClassVar[dict[str, str]] = {"bitnet": "BitNet"}
+    lora_inits: ClassVar[tuple[str, ...]] = ("default", "eva")  # peft cannot write a packed base weight
     strategies: ClassVar[dict[str, dict[str, Any]]] = {
         "bitnet": {"mode": "bitnet", "double_quant": None},  # trained through its ternary weights (QAT)
         "qlora-bitnet": {"mode": "bitnet", "double_quant": None, "lora": True},
@@ -58,7 +59,7 @@ class BitNet(QuantBackend):
 
     def convert(self, model: Any, *, has_adapter: bool) -> None:
         # Under an adapter the ternary base is frozen and packed (QLoRA + BitNet); alone it trains (QAT).
-        apply_bitnet(model, mode="frozen" if has_adapter else "qat")
+        apply_bitnet(model, mode="frozen" if has_adapter else "latent")
 
     def dequantized_weight(self, module: Any) -> Any:
         from qlit.models.bitnet import BitLinear, PackedBitLinear, weight_dequant
