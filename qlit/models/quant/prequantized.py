@@ -70,6 +70,7 @@ class Prequantized(QuantBackend):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return f"{cls.base_label(mode)} + LoRA"
@@ -98,7 +99,9 @@ class CompressedTensors(Prequantized):
     options: ClassVar[tuple[str, ...]] = ("bits",)
 
     @classmethod
-    def base_label(cls, mode: str, *, double_quant: bool | None = None, bits: int | None = None) -> str:
+    def base_label(
+        cls, mode: str, *, double_quant: bool | None = None, bits: int | None = None, scheme: str | None = None
+    ) -> str:
         if bits is None:
             return cls.labels.get(mode, mode)
         return f"W{bits}A16" if mode == UNNAMED else f"{cls.labels.get(mode, mode)} {bits}-bit"
@@ -112,6 +115,7 @@ class CompressedTensors(Prequantized):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return f"{cls.base_label(mode, bits=bits)} + LoRA"
@@ -221,6 +225,7 @@ class StoredBitsAndBytes(Prequantized, BitsAndBytes):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return f"QLoRA ({cls.base_label(mode)})"
