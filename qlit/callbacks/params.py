@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from qlit.callbacks import _board
 from qlit.callbacks._common import GIB, log_to_loggers, wrapped_model
 from qlit.metrics import MetricSpec
 from qlit.models.bitnet import PackedBitLinear, bitnet_weight_bytes
+from qlit.models.quant.base import PackedLayer
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -31,24 +33,29 @@ def logical_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module, packed: Sequence[PackedLayer] = ()) -> tuple[int, int]:
     """``(trainable, total)`` parameters of ``model``, shared parameters once; agrees with peft's
     ``PeftModel.get_nb_trainable_parameters()``, except that a packed BitNet layer's frozen ternary weight, a buffer
     peft does not see, counts as the ``out × in`` parameters it stands for (so QLoRA + BitNet reports the model's
-    size, not its embeddings').
+    size, not its embeddings'), and so does each of ``packed`` (its backend's :meth:`QuantBackend.packed_layers
+    <qlit.models.quant.base.QuantBackend.packed_layers>`) instead of its packed tensors.
     """
+    skipped = {id(t) for layer in packed for t in layer.packed}
     trainable = total = 0
     for param in model.parameters():
+        if id(param) in skipped:
+            continue
         n = logical_numel(param)
         total += n
         if param.requires_grad:
             trainable += n
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedBitLinear))
-    return trainable, total
+    return trainable, total + sum(layer.numel for layer in packed)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of storage held by ``model``'s parameters and buffers, plus bitsandbytes' 4-bit quantization constants.
+def weight_bytes(model: torch.nn.Module, packed: Sequence[PackedLayer] = ()) -> int:
+    """Bytes of storage held by ``model``'s parameters and buffers, plus bitsandbytes' 4-bit quantization constants
+    and what the layers of ``packed`` keep outside their parameters and buffers (HQQ's scales and zero points).
 
     Written here rather than using transformers' ``get_memory_footprint`` because that one counts a tied tensor
     once per reference and leaves out the per-block ``absmax`` scales of 4-bit weights (about 1/8 of their bytes).
@@ -74,6 +81,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
             add(getattr(state, "code", None))
             add(getattr(state, "offset", None))
             state = getattr(state, "state2", None)
+    for layer in packed:
+        for tensor in layer.hidden:
+            add(tensor)
     return nbytes
 
 
@@ -118,12 +128,14 @@ class TrainableParamsMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After configure_model and the strategy's set-up, so the model is loaded, quantized and wrapped by peft.
         model = wrapped_model(pl_module)
-        trainable, total = count_parameters(model)
+        quantization = getattr(pl_module, "quantization", None)  # a QLitModule's spec: its backend knows its layers
+        packed = quantization.backend.packed_layers(model) if quantization is not None else []
+        trainable, total = count_parameters(model, packed)
         self.metrics = {
             "params/trainable": float(trainable),
             "params/total": float(total),
             "params/trainable_ratio": trainable / total if total else 0.0,
-            "params/weight_gib": weight_bytes(model) / GIB,
+            "params/weight_gib": weight_bytes(model, packed) / GIB,
         }
         bitnet = bitnet_weight_bytes(model)
         if bitnet["layers"]:
