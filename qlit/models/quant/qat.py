@@ -43,6 +43,10 @@ class QAT(QuantBackend):
 
     modes: ClassVar[tuple[str, ...]] = ("qat",)
     labels: ClassVar[dict[str, str]] = {"qat": "QAT int4"}
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "qat": {"mode": "qat", "double_quant": None},  # the whole model through its fake-quantized weights
+        "qat-lora": {"mode": "qat", "double_quant": None, "lora": True},
+    }
     # No fast path: the fake quantizers are not recorded as CUDA graphs here, and the fused LoRA reads 4-bit weights.
     options: ClassVar[tuple[str, ...]] = ("scheme", "group_size")
 

@@ -73,6 +73,10 @@ class TorchAO(QuantBackend):
     needs_adapter: ClassVar[bool] = True
     # No fast path: torchao's layers are neither recorded as CUDA graphs here nor read by the fused LoRA.
     options: ClassVar[tuple[str, ...]] = ("scheme", "group_size")
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "lora-torchao-int8": {"mode": "torchao", "scheme": "int8_weight_only", "double_quant": None, "lora": True},
+        "lora-torchao-fp8": {"mode": "torchao", "scheme": "float8_weight_only", "double_quant": None, "lora": True},
+    }
 
     @property
     def scheme(self) -> str:
