@@ -39,6 +39,7 @@ class BitNet(QuantBackend):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "full":
             return "BitNet b1.58"  # trained through its ternary weights (QAT)

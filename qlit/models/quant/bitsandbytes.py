@@ -66,6 +66,7 @@ class Int8(BitsAndBytes):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return "8-bit + LoRA"
@@ -118,6 +119,7 @@ class FourBit(BitsAndBytes):
         double_quant: bool | None = None,
         dtype: str | None = None,
         bits: int | None = None,
+        scheme: str | None = None,
     ) -> str | None:
         if adapter == "LoraConfig":
             return f"QLoRA ({cls.base_label(mode, double_quant=double_quant)})"
