@@ -301,14 +301,15 @@ class QLitModule(pl.LightningModule):
             and self.model.config._attn_implementation == attention.VARLEN
         )
 
-    def load_original(self) -> Any:
-        """The base as its checkpoint stores it, unquantized, in the dtype the adapted layers compute in, on this
-        module's device and without an adapter: what the fidelity callback measures the stored base against.
-        ``None`` for a checkpoint that is itself stored quantized (it has no original here)."""
-        if not self.quantization.backend.has_original:
+    def load_original(self, name: str | None = None) -> Any:
+        """The base as its checkpoint stores it (or the model ``name``: the checkpoint a quantized one was made
+        from), unquantized, in the dtype the adapted layers compute in, on this module's device and without an
+        adapter: what the fidelity callback measures the stored base against. ``None`` for a checkpoint that is
+        itself stored quantized when no ``name`` is given (it has no original here)."""
+        if name is None and not self.quantization.backend.has_original:
             return None
         model = load_causal_lm(
-            self.pretrained,
+            name or self.pretrained,
             quantization=Quantization(mode="none"),
             dtype=self.quantization.training_dtype(self.dtype_name) or self.dtype_name,
             device=self.device,

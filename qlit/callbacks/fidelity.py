@@ -34,11 +34,13 @@ class QuantizationFidelity(Callback):
     Off by default (``--fidelity.enabled true``, or a study's ``set``): it loads a second copy of the base, in the
     compute dtype, which costs the time of a model load and, for that moment, its memory (freed before training, so
     the peak memory of training is not affected). Nothing is logged for an unquantized base, nor, beyond a note, for
-    a checkpoint stored quantized (there is no original to measure against).
+    a checkpoint stored quantized unless ``original`` names the model it was made from.
 
     Args:
         enabled: measure at fit start.
         batches: validation batches the two losses are taken over (0: the weights only).
+        original: the unquantized model to measure against, where it is not the checkpoint itself: the model a
+            pre-quantized (GPTQ, AWQ) checkpoint was made from, as a hub id, a directory or a ``qlit-tiny/`` name.
     """
 
     metric_specs = (
@@ -49,12 +51,13 @@ class QuantizationFidelity(Callback):
         MetricSpec("fidelity/perplexity_ratio", "ratio", higher_is_better=False, aggregate="last"),
     )
 
-    def __init__(self, enabled: bool = False, batches: int = 8) -> None:
+    def __init__(self, enabled: bool = False, batches: int = 8, original: str | None = None) -> None:
         super().__init__()
         if batches < 0:
             raise QlitError(f"fidelity.batches must be 0 or more (0: the weights only), got {batches}.")
         self.enabled = enabled
         self.batches = batches
+        self.original = original
         self.metrics: dict[str, float] = {}
         self._measured = False
 
@@ -66,11 +69,11 @@ class QuantizationFidelity(Callback):
         if not backend.quantized:
             return
         self._measured = True
-        original = pl_module.load_original()
+        original = pl_module.load_original(self.original)
         if original is None:
             rank_zero_info(
                 f"Fidelity: the {quantization.mode} checkpoint is stored quantized, with no original to measure it "
-                "against: no fidelity metrics."
+                "against: no fidelity metrics (name the model it was made from in fidelity.original)."
             )
             return
         was_training = pl_module.training

@@ -15,8 +15,8 @@ from qlit.models.quantization import Quantization
 from qlit.study.compare import table
 from qlit.study.runs import collect_runs
 
+DEMO = ("--config", str(ROOT / "configs/demo.yaml"))
 SHORT = (
-    *("--config", str(ROOT / "configs/demo.yaml")),
     *("--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--latency.probe_samples", "0"),
     *("--data.init_args.limit_val_samples", "32", "--fidelity.enabled", "true", "--fidelity.batches", "2"),
 )
@@ -28,7 +28,7 @@ def original_model():
 
 def fit(tmp_path, mode: str, *extra: str):
     dq = ["--model.init_args.quantization.double_quant", "false"] if mode != "nf4" else []
-    cli = run_cli(tmp_path / mode, "fit", *SHORT, "--model.init_args.quantization.mode", mode, *dq, *extra)
+    cli = run_cli(tmp_path / mode, "fit", *DEMO, *SHORT, "--model.init_args.quantization.mode", mode, *dq, *extra)
     return cli, scalars(tmp_path / mode / "logs")
 
 
@@ -97,7 +97,7 @@ def test_compare_shows_the_fidelity_columns(runs):
 def test_a_negative_batch_count_is_refused_by_name(tmp_path, capsys):
     from helpers import run_main
 
-    assert run_main("fit", *SHORT, "--fidelity.batches", "-1") != 0
+    assert run_main("fit", *DEMO, *SHORT, "--fidelity.batches", "-1") != 0
     assert "fidelity.batches must be 0 or more" in capsys.readouterr().err
 
 
@@ -111,3 +111,17 @@ def test_a_study_report_shows_the_fidelity_columns_and_says_what_they_are(runs, 
     header = next(line for line in report.splitlines() if line.startswith("| technique"))
     assert "weight error ↓" in header and "base ppl × ↓" in header
     assert "relative reconstruction error" in report
+
+
+def test_a_pre_quantized_checkpoint_is_measured_against_the_model_it_was_made_from(runs, tmp_path, capsys):
+    # Stored quantized, it has no original of its own: a note, no metrics; named, its source is the original.
+    gptq = ("--config", str(ROOT / "configs/demo_gptq.yaml"))
+    alone = run_cli(tmp_path / "alone", "fit", *gptq, *SHORT)
+    assert not any(tag.startswith("fidelity/") for tag in scalars(tmp_path / "alone" / "logs"))
+    assert alone.trainer.global_step == 1
+    run_cli(tmp_path / "named", "fit", *gptq, *SHORT, "--fidelity.original", "qlit-tiny/qwen2")
+    logged = scalars(tmp_path / "named" / "logs")
+    assert 0 < logged["fidelity/weight_rel_error"][0][1] < 0.5
+    # The same original on the same validation batches as the NF4 run's: the same loss.
+    nf4 = runs[1]["nf4"][1]
+    assert logged["fidelity/original_val_loss"][0][1] == pytest.approx(nf4["fidelity/original_val_loss"][0][1])
