@@ -270,7 +270,7 @@ def backend_strategies() -> dict[str, dict[str, Any]]:
     """Every backend's built-in study strategies (:attr:`QuantBackend.strategies`), in the order of the modes."""
     out: dict[str, dict[str, Any]] = {}
     for cls in dict.fromkeys(_BACKENDS.values()):
-        for name, strategy in cls.strategies.items():
+        for name, strategy in vars(cls).get("strategies", {}).items():  # declared here, not inherited
             if name in out:
                 raise TypeError(f"study strategy '{name}' is declared by two backends, the second {cls}.")
             out[name] = strategy

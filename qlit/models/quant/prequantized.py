@@ -55,6 +55,10 @@ class Prequantized(QuantBackend):
 
     modes: ClassVar[tuple[str, ...]] = ("prequantized",)
     labels: ClassVar[dict[str, str]] = {"prequantized": "pre-quantized"}
+    #: LoRA on whatever the checkpoint stores (a study whose base names a GPTQ, AWQ or bitsandbytes checkpoint).
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "lora-prequantized": {"mode": "prequantized", "double_quant": None, "lora": True}
+    }
     needs_adapter: ClassVar[bool] = True
     kbit_training: ClassVar[bool] = True
     stored_format: ClassVar[bool] = True
