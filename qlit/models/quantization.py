@@ -115,8 +115,11 @@ class Quantization:
 
     def study_columns(self, dtype: str) -> dict[str, object]:
         """How the base was stored, as the columns a quantization study compares runs by."""
-        return {
+        columns: dict[str, object] = {
             "quantization": self.mode,
             "compute_dtype": self.training_dtype(dtype) or dtype,
             "double_quant": self.uses_double_quant,
         }
+        # The mode's own settings where it has them (HQQ's bits, torchao's scheme): the technique's name reads them.
+        columns.update({o: getattr(self, o) for o in BACKEND_OPTIONS if getattr(self, o) is not None})
+        return columns

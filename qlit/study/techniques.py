@@ -113,7 +113,8 @@ def technique(
         return None
     mode = quantization or "none"
     backend = _backend(mode)
-    bits = bits if isinstance(bits, int) else None  # a run's record may hold anything
+    # A run's record may hold anything; TensorBoard's hparams give a whole number back as a float (4.0).
+    bits = int(bits) if isinstance(bits, (int, float)) and not isinstance(bits, bool) and bits == int(bits) else None
     scheme = scheme if isinstance(scheme, str) else None
     named = backend.technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits, scheme=scheme)
     if named is not None:
