@@ -40,7 +40,9 @@ class HQQ(QuantBackend):
     # No fast path: neither was measured on it (CUDA graphs of its layers, the fused LoRA reads bitsandbytes' weights).
     options: ClassVar[tuple[str, ...]] = ("bits", "group_size", "axis")
     labels: ClassVar[dict[str, str]] = {"hqq": "HQQ"}
-    strategies: ClassVar[dict[str, dict[str, Any]]] = {"lora-hqq4": {"mode": "hqq", "bits": 4, "lora": True}}
+    strategies: ClassVar[dict[str, dict[str, Any]]] = {
+        "lora-hqq4": {"mode": "hqq", "double_quant": None, "bits": 4, "lora": True}
+    }
 
     @classmethod
     def base_label(
