@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.errors import QlitError
+from qlit.generation import Generated, GenerationChoice, Generator
 from qlit.models import attention, layers, memory_plan
 from qlit.models.adapters import adapter_base, check_adapter, check_adapter_storage, load_adapter
 from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
@@ -102,6 +102,10 @@ class QLitModule(pl.LightningModule):
             without gradient accumulation or ``compile``, to an unquantized or 4-bit base (not 8-bit or BitNet),
             where batches are packed for the variable-length kernel, and runs eagerly anywhere else; ``true`` insists
             (refused where they cannot apply); ``false`` runs every layer eagerly.
+        generation: how validation, test, predict and the latency probe generate (:mod:`qlit.generation`):
+            ``graphs`` prefills a static KV cache and replays each decoding step as one CUDA graph, with the tokens
+            of transformers' greedy ``generate``; ``auto`` does so on one CUDA device for an unquantized or 4-bit base
+            and runs ``generate`` anywhere else (said in one line on a GPU); ``eager`` always runs ``generate``.
         max_new_tokens: longest generation in validation, test and predict.
         save_adapter: at the end of ``fit`` save the adapter in peft format (and the tokenizer) under the run's
             log directory, in ``adapter/``.
@@ -128,6 +132,7 @@ class QLitModule(pl.LightningModule):
         compile: bool = False,
         fused_lora: bool | Literal["auto"] = "auto",
         cuda_graphs: GraphsChoice = "auto",
+        generation: GenerationChoice = "auto",
         max_new_tokens: int = 16,
         save_adapter: bool = True,
     ) -> None:
@@ -202,6 +207,8 @@ class QLitModule(pl.LightningModule):
         #: Decoder layers recomputed in the backward pass when only some are (``auto`` or a number).
         self.checkpointed_layers: int | None = None
         self.max_new_tokens = max_new_tokens
+        #: Greedy generation's path (the recorded decode step, or transformers' generate) and its recorded shapes.
+        self.generator = Generator(generation)
         self.save_adapter = save_adapter
         self.model: Any = None
         self.task: Task = Task()
@@ -469,6 +476,7 @@ class QLitModule(pl.LightningModule):
         self._log_epoch("test", self.test_loss, self.test_metrics)
 
     def _log_epoch(self, prefix: str, loss_metric: MeanMetric, metrics: MetricCollection) -> None:
+        self.generator.release()  # after the latency probe (callbacks' epoch ends come first): training needs none
         if loss_metric.update_count == 0:
             return
         loss = loss_metric.compute()
@@ -504,29 +512,34 @@ class QLitModule(pl.LightningModule):
     def generate(self, batch: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
         """Greedy continuations of the batch's prompts, and their timing for the latency callback."""
         tok = self._tokenizer()
-        prompt = batch["prompt_input_ids"]
-        if prompt.is_cuda:
-            torch.cuda.synchronize(prompt.device)
-        start = time.perf_counter()
-        out = self.model.generate(
-            input_ids=prompt,
-            attention_mask=batch["prompt_attention_mask"],
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        if prompt.is_cuda:
-            torch.cuda.synchronize(prompt.device)
-        seconds = time.perf_counter() - start
-        new = out[:, prompt.size(1) :]
-        # Tokens up to and including the first EOS were generated; the rest is padding of finished rows.
-        finished = (new == tok.eos_token_id).int().cumsum(dim=1)
-        new_tokens = int(((finished == 0) | ((finished == 1) & (new == tok.eos_token_id))).sum())
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        self.last_generation = {"seconds": seconds, "samples": prompt.size(0), "new_tokens": new_tokens}
+        out = self.generate_ids(batch["prompt_input_ids"], batch["prompt_attention_mask"], self.max_new_tokens)
+        texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
+        self.last_generation = {
+            "seconds": out.seconds,
+            "samples": out.tokens.size(0),
+            "new_tokens": out.new_tokens(tok.eos_token_id),
+            "prefill_seconds": out.prefill_seconds,
+            "decode_seconds": out.decode_seconds,
+            "decode_steps": out.decode_steps,
+        }
         return texts, self.last_generation
+
+    def generate_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **options: Any
+    ) -> Generated:
+        """Greedy new ids for left-padded prompts through :attr:`generator` (``options``: ``min_new_tokens``,
+        ``cache_length`` of :meth:`Generator.generate`), stopping at the tokenizer's end-of-sequence id."""
+        tok = self._tokenizer()
+        return self.generator.generate(
+            self.model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            allows_graphs=self.quantization.backend.allows_cuda_graphs,
+            **options,
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # AdaLoRA re-allocates ranks after every optimizer step, from the gradients of that step: here they are
