@@ -20,7 +20,15 @@ from qlit.batch import IGNORE_INDEX, Batch, samples_in
 from qlit.errors import QlitError
 from qlit.generation import Generated, GenerationChoice, Generator
 from qlit.models import attention, layers, memory_plan
-from qlit.models.adapters import adapter_base, check_adapter, check_adapter_storage, load_adapter
+from qlit.models.adapters import (
+    AdapterStart,
+    Calibration,
+    adapter_base,
+    check_adapter,
+    check_adapter_storage,
+    load_adapter,
+    start_adapter,
+)
 from qlit.models.fused_lora import apply_fused_lora, check_fused_lora
 from qlit.models.graphs import GraphsChoice, LayerGraphs, check_graphs, graphable_layers, recordable
 from qlit.models.kernels import KernelChoice, apply_kernels, check_kernels
@@ -210,6 +218,8 @@ class QLitModule(pl.LightningModule):
         #: Greedy generation's path (the recorded decode step, or transformers' generate) and its recorded shapes.
         self.generator = Generator(generation)
         self.save_adapter = save_adapter
+        #: How the new adapter started (what saving it needs to know), once the model is loaded.
+        self.adapter_start = AdapterStart()
         self.model: Any = None
         self.task: Task = Task()
         self.tokenizer: Any = None
@@ -341,7 +351,7 @@ class QLitModule(pl.LightningModule):
         return attention.attention_dropout(config)
 
     def _attach_adapter(self, model: Any) -> Any:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         ckpt_kwargs = dict(self.gradient_checkpointing_kwargs or {"use_reentrant": True})
         backend = self.quantization.backend
@@ -362,14 +372,39 @@ class QLitModule(pl.LightningModule):
             return self._load_adapter(model)
         if self.adapter is None:
             return model
-        try:
-            return get_peft_model(model, backend.adapter_config(self.adapter, model))
-        except (ValueError, TypeError, NotImplementedError) as err:  # peft names what it cannot wrap
-            raise QlitError(f"peft could not apply {type(self.adapter).__name__}: {str(err).splitlines()[0]}") from None
+        model, self.adapter_start = start_adapter(
+            model,
+            backend.adapter_config(self.adapter, model),
+            backend,
+            pretrained=self.pretrained,
+            revision=self.revision,
+            calibration=self._calibration,
+        )
+        return model
 
     def _load_adapter(self, model: Any) -> Any:
         adapter_base(self.adapter_path)  # still there, and still an adapter
         return load_adapter(model, self.adapter_path, self.pretrained)
+
+    def _calibration(self) -> Calibration | None:
+        """The DataModule's training data, for an adapter whose start is computed from activations (EVA, CorDA);
+        ``None`` without a DataModule."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return None
+        try:
+            loader = datamodule.train_dataloader()
+        except QlitError:  # qlit validate and test set up their own split alone
+            datamodule.setup("fit")
+            loader = datamodule.train_dataloader()
+        device = self.trainer.strategy.root_device
+
+        def forward(model: Any, batch: Any) -> Any:
+            batch = self.transfer_batch_to_device(batch, device, 0)
+            with self.trainer.precision_plugin.forward_context():
+                return self(batch, model=model)
+
+        return Calibration(loader, forward)
 
     def check_base(self, trained_on: str | None, what: str) -> None:
         """Refuse weights recorded as trained on another base than ``pretrained`` (unless ``allow_base_mismatch``).
@@ -785,7 +820,7 @@ class QLitModule(pl.LightningModule):
     def save_adapter_to(self, directory: str | Path) -> None:
         """Write the adapter in peft format (``adapter_config.json``, ``adapter_model.safetensors``) and tokenizer."""
         directory = Path(directory)
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.adapter_start.save(self.model, directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         # How the base was stored while the adapter trained: `qlit export` rebuilds exactly that base to merge into.

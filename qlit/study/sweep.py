@@ -117,6 +117,11 @@ PEFT_STRATEGIES: dict[str, dict[str, Any]] = {
     "lora": _builtin(_adapter("peft.LoraConfig"), {"mode": "none", "double_quant": None}, **_LORA_DEFAULTS),
     "dora": _builtin(_adapter("peft.LoraConfig", use_dora=True, use_rslora=False), **_LORA_DEFAULTS),
     "rslora": _builtin(_adapter("peft.LoraConfig", use_rslora=True, use_dora=False), **_LORA_DEFAULTS),
+    # LoRA's other starts, on the base config's quantization (LoftQ needs a 4-bit one, as the demo's NF4).
+    **{
+        init: _builtin(_adapter("peft.LoraConfig", init_lora_weights=init, use_dora=False), **_LORA_DEFAULTS)
+        for init in ("pissa", "olora", "eva", "loftq")
+    },
     # AdaLoRA needs the run's length: a study sets model.init_args.adapter.init_args.total_step.
     "adalora": _builtin(
         _adapter("peft.AdaLoraConfig"), init_r=12, target_r=8, lora_alpha=32, target_modules="all-linear"
@@ -529,7 +534,14 @@ def _expand(
 
 
 #: Config keys whose values the derived technique label already says.
-_IN_TECHNIQUE = ("quantization", "quantization.mode", "quantization.double_quant", "init_args.adapter", "dtype")
+_IN_TECHNIQUE = (
+    "quantization",
+    "quantization.mode",
+    "quantization.double_quant",
+    "init_args.adapter",
+    "adapter.init_args.init_lora_weights",  # PiSSA, LoftQ, ...
+    "dtype",
+)
 
 
 def _technique_of(config: Mapping[str, Any]) -> str | None:

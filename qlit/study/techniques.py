@@ -91,6 +91,25 @@ _METHODS = {
     "PromptEncoderConfig": "P-tuning",
     "loaded": "trained adapter",
 }
+#: How a LoRA that does not start as peft's default is named (``LoraConfig+pissa``: PiSSA).
+_INITS = {
+    "gaussian": "LoRA (Gaussian init)",
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "eva": "EVA",
+    "corda": "CorDA",
+    "loftq": "LoftQ",
+}
+
+
+def _method(adapter: str | None) -> str:
+    """The adapter's method as a study names it: ``LoRA``, ``DoRA``, ``PiSSA``, ``LoftQ (rsLoRA)``, ``IA3``, ..."""
+    name = adapter or ""
+    start, _, init = name.rpartition("+")
+    if name not in _METHODS and start in _METHODS and init in _INITS:
+        method = _METHODS[start]
+        return _INITS[init] if method == "LoRA" else f"{_INITS[init]} ({method})"
+    return _METHODS.get(name, (adapter or "?").removesuffix("Config"))
 
 
 def technique(
@@ -120,7 +139,7 @@ def technique(
     if named is not None:
         return named
     base = backend.base_label(mode, double_quant=double_quant, bits=bits, scheme=scheme)
-    method = _METHODS.get(adapter or "", (adapter or "?").removesuffix("Config"))
+    method = _method(adapter)
     return f"{method} on {base}" if base else method
 
 

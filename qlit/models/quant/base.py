@@ -176,6 +176,21 @@ class QuantBackend:
         if device.type == "cpu" and self.quantized and self.spec.compute_dtype == "float16":
             raise QlitError("quantization.compute_dtype float16 is not supported on CPU: use bfloat16 or float32.")
 
+    # ----- how a LoRA adapter may start on it -------------------------------------------------------------------------
+    #: The LoRA initialisations (``LoraConfig.init_lora_weights``) that start on this base, each checked on it, by
+    #: family: ``default`` (``true``, ``gaussian``), ``pissa`` (and ``pissa_niter_<n>``), ``olora``, ``eva``, ``corda``,
+    #: ``loftq``; any other is refused when the config is read (:mod:`qlit.models.adapters` says why). A new backend
+    #: starts with peft's default alone.
+    lora_inits: ClassVar[tuple[str, ...]] = ("default",)
+    #: The families of :attr:`lora_inits` that this backend runs itself (:meth:`init_lora`), because peft's own
+    #: initialisation cannot run on this base's layers; peft builds the adapter with its default start first.
+    own_lora_inits: ClassVar[tuple[str, ...]] = ()
+
+    def init_lora(self, model: Any, init: str, weights: Path) -> None:
+        """Start the LoRA adapter of the peft model ``model`` as ``init`` (an ``init_lora_weights`` value of a family in
+        :attr:`own_lora_inits`), reading the unquantized weights from the checkpoint's safetensors in ``weights``."""
+        raise NotImplementedError(f"{type(self).__name__} runs no LoRA initialisation itself.")
+
     # ----- a checkpoint stored quantized ------------------------------------------------------------------------------
     #: The mode names a quantization the checkpoint is stored in (its ``config.json``'s ``quantization_config``), not
     #: one applied while loading: it loads no other checkpoint, and an adapter trained on it loads onto no other base.

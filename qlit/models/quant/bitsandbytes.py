@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from qlit.errors import QlitError
 from qlit.models.dtypes import to_dtype
 from qlit.models.quant.base import QuantBackend
 
@@ -53,6 +55,7 @@ class Int8(BitsAndBytes):
     modes: ClassVar[tuple[str, ...]] = ("int8",)
     # LLM.int8()'s outlier split is not recorded as CUDA graphs here.
     labels: ClassVar[dict[str, str]] = {"int8": "8-bit"}
+    lora_inits: ClassVar[tuple[str, ...]] = ("default", "olora", "eva")  # peft de- and re-quantizes for OLoRA
     strategies: ClassVar[dict[str, dict[str, Any]]] = {
         "lora-int8": {"mode": "int8", "double_quant": None, "lora": True}
     }
@@ -104,6 +107,10 @@ class FourBit(BitsAndBytes):
     allows_cuda_graphs: ClassVar[bool] = True
     allows_fused_lora: ClassVar[bool] = True
     labels: ClassVar[dict[str, str]] = {"nf4": "NF4", "fp4": "FP4"}
+    lora_inits: ClassVar[tuple[str, ...]] = ("default", "pissa", "olora", "eva", "loftq")
+    # peft's PiSSA needs full-precision weights, and its LoftQ quantizes them itself: on a 4-bit base both run as peft's
+    # replacements, which read the unquantized weights from the checkpoint (OLoRA de- and re-quantizes in peft).
+    own_lora_inits: ClassVar[tuple[str, ...]] = ("pissa", "loftq")
     strategies: ClassVar[dict[str, dict[str, Any]]] = {
         "qlora": {"mode": "nf4", "double_quant": True, "lora": True},
         "qlora-nf4": {"mode": "nf4", "double_quant": False, "lora": True},
@@ -124,6 +131,36 @@ class FourBit(BitsAndBytes):
         if adapter == "LoraConfig":
             return f"QLoRA ({cls.base_label(mode, double_quant=double_quant)})"
         return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
+
+    def init_lora(self, model: Any, init: str, weights: Path) -> None:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.loftq_utils import replace_lora_weights_loftq, replace_lora_weights_pissa
+        from transformers.pytorch_utils import Conv1D
+
+        layers = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit)
+        }
+        for name, layer in layers.items():
+            # transformers quantized GPT-2's Conv1D weights transposed; peft's replacements read them as stored.
+            if issubclass(getattr(layer.get_base_layer(), "source_cls", object), Conv1D):
+                raise QlitError(
+                    f"init_lora_weights '{init}' cannot start on layer '{name.removeprefix('base_model.model.')}', "
+                    "whose checkpoint stores a Conv1D weight (in, out) that peft reads without transposing it: set "
+                    "init_lora_weights to true, or use quantization.mode none."
+                )
+        if init == "loftq":
+            replace_lora_weights_loftq(model, model_path=str(weights))
+            # peft's factors are the rank-r SVD of the quantization error, set without the adapter's scaling (peft
+            # issue 1982), so the adapter would add scaling x that error: each factor takes 1/sqrt(scaling).
+            for layer in layers.values():
+                for adapter, scaling in layer.scaling.items():
+                    layer.lora_A[adapter].weight.data /= scaling**0.5
+                    layer.lora_B[adapter].weight.data /= scaling**0.5
+        else:
+            replace_lora_weights_pissa(model, model_path=str(weights), init_lora_weights=init)
 
     def bnb_config(self) -> Any:
         from transformers import BitsAndBytesConfig

@@ -14,3 +14,5 @@ class NoQuantization(QuantBackend):
     quantized: ClassVar[bool] = False
     allows_cuda_graphs: ClassVar[bool] = True
     labels: ClassVar[dict[str, str]] = {"none": ""}
+    # Full-precision weights: peft writes the residual of PiSSA, OLoRA and CorDA into them itself.
+    lora_inits: ClassVar[tuple[str, ...]] = ("default", "pissa", "olora", "eva", "corda")
