@@ -40,7 +40,11 @@ FAMILY = {"pissa_niter_2": "pissa", "true": "default", "gaussian": "default"}
 ALL = ("true", "pissa", "olora", "eva", "corda", "loftq")
 REFUSED = [(init, mode) for mode in MODES for init in ALL if init not in STARTS[mode]]
 #: The pairs the command-line fits below train; the matrix trains the others (peft's default is test_adapters.py's).
-THROUGH_THE_CLI = {("pissa", "nf4"), ("eva", "nf4"), ("loftq", "nf4"), ("pissa_niter_2", "none"), ("corda", "none")}
+THROUGH_THE_CLI = {("pissa", "nf4"), ("olora", "nf4"), ("eva", "nf4"), ("loftq", "nf4")} | {
+    ("gaussian", "none"),
+    ("pissa_niter_2", "none"),
+    ("corda", "none"),
+}
 MATRIX = [(i, m) for i, m in SUPPORTED if (i, m) not in THROUGH_THE_CLI and i != "true"]
 ALLOWED = "use one of true, gaussian, pissa, pissa_niter_<n>, olora, eva, corda, loftq."
 
@@ -270,8 +274,10 @@ def test_a_saved_residual_start_reloaded_on_the_original_base_gives_the_trained_
 # ----- through the command line -------------------------------------------------------------------------------------
 CLI_RUNS = [
     ("demo.yaml", "pissa"),
+    ("demo.yaml", "olora"),
     ("demo.yaml", "eva"),
     ("demo_loftq.yaml", None),  # init_lora_weights: loftq is the config's own
+    ("demo_peft_lora.yaml", "gaussian"),
     ("demo_peft_lora.yaml", "pissa_niter_2"),
     ("demo_peft_lora.yaml", "corda"),
 ]
@@ -290,15 +296,16 @@ def test_every_start_fits_through_the_cli_and_lowers_the_loss(tmp_path, batch, c
     losses = [v for _, v in scalars(cli.trainer.log_dir)["train/loss"]]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
-    family = FAMILY.get(init or "loftq", init or "loftq")
-    suffix = "" if family == "default" else f"+{family}"
-    assert cli.model.study_hparams()["adapter"] == "LoraConfig" + suffix
+    value = init or "loftq"
+    family = FAMILY.get(value, value)
+    named = "+gaussian" if value == "gaussian" else "" if family == "default" else f"+{family}"
+    assert cli.model.study_hparams()["adapter"] == "LoraConfig" + named
     adapter_dir = Path(cli.trainer.log_dir) / "adapter"
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
     rank = cli.model.adapter.r
     # Saved to reload as it is: a residual start converted (twice the rank), a start qlit ran itself as peft's default.
     assert saved["r"] == (2 * rank if family in ("pissa", "corda", "olora") else rank)
-    assert saved["init_lora_weights"] == ("eva" if family == "eva" else True)
+    assert saved["init_lora_weights"] == (value if value in ("eva", "gaussian") else True)
     if config == "demo_peft_lora.yaml":  # an unquantized base: the saved adapter gives the trained model exactly
         trained = logits(cli.model.model.eval(), batch)
         reloaded = peft.PeftModel.from_pretrained(original(), str(adapter_dir)).eval()
