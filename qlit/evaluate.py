@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from qlit.errors import QlitError
 from qlit.hub import looks_local
+from qlit.metrics import STDERR_SUFFIX
 
 if TYPE_CHECKING:
     from qlit.models.quantization import Quantization
 
 #: TensorBoard tags of benchmark scores: ``eval/<task>/<metric>`` (``eval/mmlu/acc``, ``eval/mmlu/acc_stderr``).
 EVAL_PREFIX = "eval/"
-#: Suffix of a score's standard error, beside the score in TensorBoard and the results JSON.
-STDERR_SUFFIX = "_stderr"
 
 INSTALL = "pip install 'qlit[eval]' (or pip install lm-eval)"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -50,10 +50,11 @@ _CHOICES = ("auto", "graphs", "eager")
 WARMUP_STEPS = 2
 #: Decoding steps between two checks that every row has ended (each check waits for the device).
 CHECK_EVERY = 8
-#: Cache lengths are rounded up to a multiple of this, so that prompts of similar length share one recorded step.
-LENGTH_STEP = 64
-#: Recorded shapes kept at once (each holds a static cache of its rows × length); the oldest goes first.
-KEPT_SHAPES = 4
+#: Cache lengths are rounded up to a multiple of this; a call takes the recorded step of its batch size whose cache
+#: holds its prompt and new tokens, so that a pass's batches share a few recordings (masked slots add exact zeros).
+LENGTH_STEP = 256
+#: Recorded shapes kept at once (each holds a static cache of its rows × length); the least recently used goes first.
+KEPT_SHAPES = 8
 
 #: Generation-config settings that change greedy decoding and that both paths switch off (see the module docstring).
 PLAIN_GREEDY: dict[str, Any] = {
@@ -296,7 +297,7 @@ class _StaticDecoder:
             scores[:, self.eos] = scores[:, self.eos] + self.eos_bias
         token = scores.argmax(dim=-1)
         token = torch.where(self.done, torch.full_like(token, self.pad), token)
-        self.done |= torch.isin(token, self.eos)
+        self.done |= (token[:, None] == self.eos).any(dim=1)  # a comparison: isin may sort, and a sort may sync
         self.out.index_copy_(1, index, token[:, None])
         self.ids.copy_(token[:, None])
         self.positions.add_(1)
@@ -348,6 +349,7 @@ def _cache_length(prompt: int, max_new_tokens: int, cache_length: int | None) ->
     return -(-needed // LENGTH_STEP) * LENGTH_STEP
 
 
+@torch.no_grad()
 def greedy(
     model: Any,
     input_ids: torch.Tensor,
@@ -371,6 +373,7 @@ def greedy(
     return decoder.run(input_ids, attention_mask, max_new_tokens, min_new_tokens, record=False)
 
 
+@torch.no_grad()
 def eager_generate(
     model: Any,
     input_ids: torch.Tensor,
@@ -448,6 +451,7 @@ class Generator:
         self._decoders: OrderedDict[tuple[Any, ...], _StaticDecoder] = OrderedDict()
         self._pool: Any = None
 
+    @torch.no_grad()
     def generate(
         self,
         model: Any,
@@ -547,7 +551,10 @@ class Generator:
         rows, prompt = input_ids.shape
         length = _cache_length(prompt, max_new_tokens, cache_length)
         autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        key = (id(model), rows, length, tuple(eos), pad, autocast)
+        same = (id(model), rows, tuple(eos), pad, autocast)
+        # The shortest recorded cache of this kind that holds the call (its prompt and every new token).
+        fitting = [k for k in self._decoders if k[:2] + k[3:] == same and k[2] >= prompt + max_new_tokens]
+        key = min(fitting, key=lambda k: k[2]) if fitting else (id(model), rows, length, tuple(eos), pad, autocast)
         decoder = self._decoders.get(key)
         if decoder is None:
             if self._pool is None:

@@ -11,6 +11,9 @@ from typing import Literal
 
 Aggregate = Literal["last", "max", "median"]
 
+#: The suffix of a metric's standard error, logged beside it (``val/f1`` and ``val/f1_stderr``; lm-eval's scores too).
+STDERR_SUFFIX = "_stderr"
+
 
 @dataclass(frozen=True)
 class MetricSpec:

@@ -504,6 +504,12 @@ class QLitModule(pl.LightningModule):
         self.task.update(metrics, batch, out.logits, lambda b: self.generate(b)[0])
         return {"loss": out.loss.detach()}
 
+    def on_validation_epoch_start(self) -> None:
+        self.task.start_pass(self)  # generate_val_samples: auto plans its rows here
+
+    def on_test_epoch_start(self) -> None:
+        self.task.start_pass(self)
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_loss, self.val_metrics)
 

@@ -385,3 +385,25 @@ def test_a_run_known_only_by_its_saved_adapter_is_named_by_it(tmp_path):
     (run_dir / "adapter" / "adapter_config.json").write_text("{not json")
     (row,) = table(collect_runs([tmp_path]))
     assert row["technique"] == "? on NF4"  # a damaged file names no method, and breaks nothing
+
+
+def test_standard_errors_are_compare_columns_and_report_cells_with_a_verdict(tmp_path):
+    logs = tmp_path / "logs"
+    for name, f1, stderr in (("qlora", 62.5, 8.125), ("lora", 55.0, 7.5), ("bitnet", 20.0, 5.0)):
+        tb_run(
+            logs,
+            name,
+            {"pretrained": "tiny", "quantization": "nf4", "adapter": "LoraConfig"},
+            {"val/loss": [(9, 1.0)], "val/f1": [(9, f1)], "val/f1_stderr": [(9, stderr)]},
+        )
+    runs = {run.name: run for run in collect_runs([logs])}
+    rows = by_run(table(list(runs.values())))
+    assert rows["qlora/version_0"]["val/f1_stderr"] == 8.125  # its own column, beside val/f1
+    columns = list(rows["qlora/version_0"])
+    assert columns.index("val/f1_stderr") == columns.index("val/f1") + 1
+    entries = [Entry(name, label=name, run=runs[f"{name}/version_0"]) for name in ("qlora", "lora", "bitnet")]
+    text = write_report(entries, tmp_path / "report", "Study")[0].read_text()
+    # In the report the standard error sits in its metric's cell; the line under the table says which runs the best
+    # cannot be told apart from: 62.5 − 55 = 7.5 is within 2 √(8.125² + 7.5²) ≈ 22, 62.5 − 20 is not.
+    assert "| 62.5 ± 8.125 |" in text and "f1_stderr" not in text.split("## Columns")[0]
+    assert "f1: lora cannot be told apart from the best run, qlora" in text

@@ -177,3 +177,29 @@ def test_the_backend_decides_for_its_layers_and_eager_generation_is_the_fallback
         module.model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0, allows_graphs=False
     )
     assert out.path == "eager" and generator.off_because == "a CUDA device; an unquantized or 4-bit base"
+
+
+@torch.no_grad()
+def test_calls_share_the_recorded_steps_of_their_batch_size_where_the_cache_holds_them(monkeypatch):
+    """The bookkeeping of recorded steps, on the CPU: the step runs unrecorded in place of its replay."""
+    from qlit import generation
+
+    monkeypatch.setattr(generation, "graph_reasons", lambda *args: [])
+    monkeypatch.setattr(generation.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(generation._StaticDecoder, "_advance", lambda self, record: self._step())
+    monkeypatch.setattr(generation, "LENGTH_STEP", 16)
+    module = _module()
+    model, pad, eos = module.model, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+    generator = Generator("graphs")
+    ids, mask = _prompts(pad)
+    for width in (11, 6, 3):  # the same rows, shorter prompts: one cache of 32 slots holds them all
+        batch, batch_mask = ids[:, -width:], mask[:, -width:]
+        out = generator.generate(model, batch, batch_mask, max_new_tokens=9, eos_token_id=eos, pad_token_id=pad)
+        assert out.path == "graphs" and torch.equal(out.tokens, _generate(model, batch, batch_mask, 9, eos, pad))
+    assert [key[1:3] for key in generator._decoders] == [(4, 32)]
+    generator.generate(model, ids[:2], mask[:2], max_new_tokens=9, eos_token_id=eos, pad_token_id=pad)
+    out = generator.generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=pad)  # 11 + 30 > 32
+    assert torch.equal(out.tokens, _generate(model, ids, mask, 30, eos, pad))
+    assert [key[1:3] for key in generator._decoders] == [(4, 32), (2, 32), (4, 48)]
+    generator.release()
+    assert not generator._decoders

@@ -36,12 +36,19 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `val/latency_ms_mean` | ms | latency probe: mean time to generate a fixed number of tokens for one of fixed prompts |
 | `val/latency_ms_p95` | ms | 95th percentile of that latency |
 | `val/gen_tokens_per_sec` | tokens/s | the probe's generated tokens per second of generation time, all devices |
+| `val/prefill_ms` | ms | the probe, one prompt at a time: mean prefill time (the prompt's forward pass and first token) |
+| `val/decode_ms_per_token` | ms | the probe, one prompt at a time: decoding time per new token after the first |
+| `val/batch_prefill_ms` | ms | the probe at the validation batch (the pass's first batch at once): its prefill |
+| `val/batch_decode_ms_per_token` | ms | the same: time per decoding step (every row's next token) |
 | `test/latency_ms_mean` | ms | the same probe on the test split |
 | `test/latency_ms_p95` | ms | the same for test |
 | `test/gen_tokens_per_sec` | tokens/s | the same for test |
-| `predict/latency_ms_mean` | ms | predict's own `generate` calls, a sample waiting for its batch (also printed) |
+| `test/prefill_ms`, `test/decode_ms_per_token` | ms | the same for test |
+| `test/batch_prefill_ms`, `test/batch_decode_ms_per_token` | ms | the same for test |
+| `predict/latency_ms_mean` | ms | predict's own generation calls, a sample waiting for its batch (also printed) |
 | `predict/latency_ms_p95` | ms | the same for predict |
 | `predict/gen_tokens_per_sec` | tokens/s | the same for predict |
+| `predict/prefill_ms`, `predict/decode_ms_per_token` | ms | the same for predict's batches |
 | `time/setup_seconds` | s | from fit set-up (before the model loads) to fit start: model load, quantization, adapters |
 | `time/first_step_seconds` | s | from fit set-up to the end of the first optimizer step |
 | `time/fit_seconds` | s | wall time of the whole fit |

@@ -1,20 +1,20 @@
-"""Generation latency (mean, p95 per sample) and generated tokens/s: a fixed probe in validation and test, and the
-generate calls of predict."""
+"""Generation latency (mean, p95 per sample), prefill and per-token decoding time, and generated tokens/s: a fixed
+probe in validation and test, and the generate calls of predict."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from time import perf_counter
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from qlit.callbacks._common import log_to_loggers, synchronize, wrapped_model
+from qlit.callbacks._common import log_to_loggers, wrapped_model
 from qlit.distributed import gather_objects
 from qlit.errors import QlitError
+from qlit.generation import WARMUP_STEPS, Generated, eager_generate
 from qlit.metrics import MetricSpec
 
 #: Key of a predict step's output dict that holds its generation record (``seconds``, ``samples``, ``new_tokens``).
@@ -34,9 +34,16 @@ class InferenceLatencyMonitor(Callback):
     **Validation and test: a fixed probe.** At the end of a validation or test pass the model generates for the
     first ``probe_samples`` prompts of the split (by ``row_index``: the same rows on every pass, for every technique
     and any number of devices), one prompt at a time, greedily, with the KV cache and exactly ``probe_new_tokens``
-    new tokens (end-of-sequence is suppressed until then), after one untimed warm-up call. A sample's latency is
-    its ``generate`` call's wall time (prefill and every decoding step, synchronised); generated tokens/s is the
-    probe's tokens over its time, summed over ranks. Every run so gets latency numbers, also where the task scores
+    new tokens (end-of-sequence is suppressed until then), after one untimed warm-up call. It generates the way the
+    module does (``QLitModule.generate_ids``: the recorded decode step where :mod:`qlit.generation` applies it,
+    else transformers' ``generate``), so it measures the technique. A sample's latency is its call's wall time
+    (prefill and every decoding step, synchronised); the prefill (the prompt's forward pass and the first token) and
+    the decoding steps after it are also timed apart, since a study compares them separately: ``prefill_ms`` per
+    prompt and ``decode_ms_per_token`` per step. The same is measured once at the validation batch: the pass's
+    first batch (its rows, left-padded as validation batches them), ``probe_new_tokens`` new tokens, after a warm-up
+    call: ``batch_prefill_ms`` and ``batch_decode_ms_per_token`` (a step gives every row its next token).
+    Generated tokens/s is the batch-1 probe's tokens over its time, summed over ranks. Every run so gets latency
+    numbers, also where the task scores
     rather than generates (SST-2's label word, perplexity), and they compare across quantization and adapter
     techniques: same prompts, same lengths, one at a time. Latency does not change as the weights train, so a fit
     probes once, at its first validation pass (the sanity check excluded); ``validate`` and ``test`` probe every
@@ -47,8 +54,10 @@ class InferenceLatencyMonitor(Callback):
     Predict allows no ``self.log``: its numbers go straight to the loggers (``predict/...``, at the current global
     step) and into one info line on the console.
 
-    Metrics, for ``<stage>`` in ``val``, ``test``, ``predict``: ``<stage>/latency_ms_mean``, ``<stage>/latency_ms_p95``
-    and ``<stage>/gen_tokens_per_sec``; validation and test ones go through ``LightningModule.log``, so they show in
+    Metrics, for ``<stage>`` in ``val``, ``test``, ``predict``: ``<stage>/latency_ms_mean``, ``<stage>/latency_ms_p95``,
+    ``<stage>/gen_tokens_per_sec``, ``<stage>/prefill_ms`` and ``<stage>/decode_ms_per_token`` (means over ranks: a
+    predict batch's are its whole batch's), and for ``val`` and ``test`` ``<stage>/batch_prefill_ms`` and
+    ``<stage>/batch_decode_ms_per_token``; validation and test ones go through ``LightningModule.log``, so they show in
     ``trainer.validate``/``trainer.test`` results.
 
     Args:
@@ -60,12 +69,22 @@ class InferenceLatencyMonitor(Callback):
         MetricSpec("val/latency_ms_mean", "ms", higher_is_better=False, study=True),
         MetricSpec("val/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
         MetricSpec("val/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("val/prefill_ms", "ms", higher_is_better=False),
+        MetricSpec("val/decode_ms_per_token", "ms", higher_is_better=False, study=True),
+        MetricSpec("val/batch_prefill_ms", "ms", higher_is_better=False),
+        MetricSpec("val/batch_decode_ms_per_token", "ms", higher_is_better=False),
         MetricSpec("test/latency_ms_mean", "ms", higher_is_better=False, aggregate=None),
         MetricSpec("test/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
         MetricSpec("test/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("test/prefill_ms", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("test/decode_ms_per_token", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("test/batch_prefill_ms", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("test/batch_decode_ms_per_token", "ms", higher_is_better=False, aggregate=None),
         MetricSpec("predict/latency_ms_mean", "ms", higher_is_better=False),
         MetricSpec("predict/latency_ms_p95", "ms", higher_is_better=False, aggregate=None),
         MetricSpec("predict/gen_tokens_per_sec", "tokens/s", higher_is_better=True, aggregate=None),
+        MetricSpec("predict/prefill_ms", "ms", higher_is_better=False, aggregate=None),
+        MetricSpec("predict/decode_ms_per_token", "ms", higher_is_better=False, aggregate=None),
     )
 
     def __init__(self, probe_samples: int = 8, probe_new_tokens: int = 32) -> None:
@@ -78,8 +97,14 @@ class InferenceLatencyMonitor(Callback):
         self.probe_new_tokens = probe_new_tokens
         # One (seconds, samples, new_tokens) row per timed generate call of the running epoch.
         self._records: list[tuple[float, int, int]] = []
+        # Beside each record that timed them apart: (prefill seconds, decoding seconds, decoding steps).
+        self._phases: list[tuple[float, float, int]] = []
+        # The batched probe's one call, the same way (None: none this epoch).
+        self._batch_phase: tuple[float, float, int] | None = None
         # The probe's prompts met in the running pass on this rank: (row_index, prompt ids without padding).
         self._prompts: list[tuple[int, torch.Tensor]] = []
+        # The pass's first batch of prompts on this rank (ids, mask), for the probe at the validation batch.
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows_seen = 0
         self._probed_this_fit = False
 
@@ -88,7 +113,8 @@ class InferenceLatencyMonitor(Callback):
         self._probed_this_fit = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._records, self._prompts, self._rows_seen = [], [], 0
+        self._records, self._phases, self._prompts, self._rows_seen = [], [], [], 0
+        self._batch = self._batch_phase = None
 
     on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
 
@@ -130,6 +156,10 @@ class InferenceLatencyMonitor(Callback):
         seconds, samples = float(gen["seconds"]), int(gen["samples"])
         if samples > 0:
             self._records.append((seconds, samples, int(gen.get("new_tokens", 0))))
+            if "decode_steps" in gen:
+                self._phases.append(
+                    (float(gen["prefill_seconds"]), float(gen["decode_seconds"]), int(gen["decode_steps"]))
+                )
 
     def _probes(self, trainer: Trainer) -> bool:
         return self.probe_samples > 0 and not (trainer.state.fn == "fit" and self._probed_this_fit)
@@ -138,6 +168,8 @@ class InferenceLatencyMonitor(Callback):
         if not isinstance(batch, Mapping) or "prompt_input_ids" not in batch or "prompt_attention_mask" not in batch:
             return
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
+        if self._batch is None:
+            self._batch = (ids.clone(), batch["prompt_attention_mask"].clone())
         rows = batch.get("row_index")
         index = rows.tolist() if isinstance(rows, torch.Tensor) else range(self._rows_seen, self._rows_seen + len(ids))
         self._rows_seen += len(ids)
@@ -156,7 +188,9 @@ class InferenceLatencyMonitor(Callback):
 
     def _probe_and_log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._records = self.probe(pl_module, [ids for _, ids in sorted(self._prompts, key=lambda p: p[0])])
-        self._prompts = []
+        if self._batch is not None:
+            self._batch_phase = self.probe_batch(pl_module, *self._batch)
+        self._prompts, self._batch = [], None
         if trainer.state.fn == "fit":
             self._probed_this_fit = True
         # Every rank holds the same gathered summary; sync_dist (a mean of equal values) only keeps Lightning from
@@ -166,30 +200,54 @@ class InferenceLatencyMonitor(Callback):
 
     @torch.no_grad()
     def probe(self, pl_module: LightningModule, prompts: list[torch.Tensor]) -> list[tuple[float, int, int]]:
-        """Generate ``probe_new_tokens`` tokens for each prompt alone; ``(seconds, 1, new_tokens)`` per prompt."""
+        """Generate ``probe_new_tokens`` tokens for each prompt alone; ``(seconds, 1, new_tokens)`` per prompt (and
+        each call's prefill and decoding apart, in ``_phases``)."""
+        self._phases = []
         if not prompts:
             return []
-        model = wrapped_model(pl_module)
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        options: dict[str, Any] = {"do_sample": False, "use_cache": True}
-        if tokenizer is not None:  # as QLitModule.generate: the tokenizer's ids, whatever the model's config says
-            options.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        elif getattr(model.generation_config, "pad_token_id", None) is None:
-            options["pad_token_id"] = model.generation_config.eos_token_id or 0
         device = pl_module.device
+        # One cache length for every prompt: a recorded decode step of batch 1 serves them all.
+        length = max(len(p) for p in prompts) + self.probe_new_tokens
         records = []
-        for n, prompt in enumerate([prompts[0], *prompts]):  # the first call warms up (kernels, allocator, caches)
+        for n, prompt in enumerate([prompts[0], *prompts]):  # the first call warms up (kernels, allocator, graphs)
             ids = prompt.to(device).unsqueeze(0)
-            new = min(2, self.probe_new_tokens) if n == 0 else self.probe_new_tokens
-            synchronize(device)
-            start = perf_counter()
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **options
-            )
-            synchronize(device)
+            new = min(WARMUP_STEPS + 2, self.probe_new_tokens) if n == 0 else self.probe_new_tokens
+            out = self._generate(pl_module, ids, torch.ones_like(ids), new, length)
             if n:
-                records.append((perf_counter() - start, 1, int(out.shape[1] - ids.shape[1])))
+                records.append((out.seconds, 1, int(out.tokens.shape[1])))
+                self._phases.append((out.prefill_seconds, out.decode_seconds, out.decode_steps))
         return records
+
+    @torch.no_grad()
+    def probe_batch(
+        self, pl_module: LightningModule, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[float, float, int] | None:
+        """Generate ``probe_new_tokens`` tokens for a validation batch's prompts at once, after a warm-up call:
+        ``(prefill seconds, decoding seconds, decoding steps)``."""
+        ids, mask = ids.to(pl_module.device), mask.to(pl_module.device)
+        self._generate(pl_module, ids, mask, min(WARMUP_STEPS + 2, self.probe_new_tokens))
+        out = self._generate(pl_module, ids, mask, self.probe_new_tokens)
+        return out.prefill_seconds, out.decode_seconds, out.decode_steps
+
+    @staticmethod
+    def _generate(
+        pl_module: LightningModule, ids: torch.Tensor, mask: torch.Tensor, new: int, length: int | None = None
+    ) -> Generated:
+        """Exactly ``new`` greedy tokens per row (end-of-sequence suppressed), the way the module generates."""
+        generate_ids = getattr(pl_module, "generate_ids", None)
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if callable(generate_ids) and tokenizer is not None:
+            return generate_ids(ids, mask, new, min_new_tokens=new, cache_length=length)
+        # Another LightningModule: transformers' generate on its model, with its tokenizer's ids where it has one.
+        return eager_generate(
+            wrapped_model(pl_module),
+            ids,
+            mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            eos_token_id=getattr(tokenizer, "eos_token_id", None),
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        )
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.summarise(trainer, "predict")
@@ -204,18 +262,33 @@ class InferenceLatencyMonitor(Callback):
     # ---------------------------------------------------------------- summary
     def summarise(self, trainer: Trainer, stage: str) -> dict[str, float]:
         """The running epoch's metrics over all ranks (a collective call: every rank must make it)."""
-        gathered = gather_objects(self._records, trainer.world_size)
-        latencies = sorted(seconds for rank in gathered for seconds, samples, _ in rank for _ in range(samples))
+        gathered = gather_objects((self._records, self._phases, self._batch_phase), trainer.world_size)
+        latencies = sorted(seconds for rank, *_ in gathered for seconds, samples, _ in rank for _ in range(samples))
         if not latencies:
             return {}
         # Ranks generate concurrently: their rates add up.
         rate = sum(
             sum(tokens for *_, tokens in rank) / secs
-            for rank in gathered
+            for rank, *_ in gathered
             if (secs := sum(seconds for seconds, *_ in rank)) > 0
         )
-        return {
+        metrics = {
             f"{stage}/latency_ms_mean": 1000.0 * sum(latencies) / len(latencies),
             f"{stage}/latency_ms_p95": 1000.0 * _percentile(latencies, 95.0),
             f"{stage}/gen_tokens_per_sec": rate,
         }
+        metrics.update(_phase_metrics(f"{stage}/", [phase for _, phases, _ in gathered for phase in phases]))
+        if stage != "predict":
+            metrics.update(_phase_metrics(f"{stage}/batch_", [b for *_, b in gathered if b is not None]))
+        return metrics
+
+
+def _phase_metrics(prefix: str, phases: list[tuple[float, float, int]]) -> dict[str, float]:
+    """Mean prefill time per call and decoding time per step, in ms (no decoding step: no per-token figure)."""
+    if not phases:
+        return {}
+    metrics = {f"{prefix}prefill_ms": 1000.0 * sum(p for p, _, _ in phases) / len(phases)}
+    steps = sum(n for *_, n in phases)
+    if steps:
+        metrics[f"{prefix}decode_ms_per_token"] = 1000.0 * sum(d for _, d, _ in phases) / steps
+    return metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,7 @@ from qlit.data.schema import Columns, check_rows
 from qlit.data.sources import Rows, check_data_files, iter_rows, load_source, select_splits
 from qlit.errors import QlitError
 from qlit.models.loading import load_tokenizer
-from qlit.tasks import Task
+from qlit.tasks import AUTO_GENERATION_SHARE, Task
 
 __all__ = ["Example", "QLitDataModule"]
 
@@ -71,7 +71,10 @@ class QLitDataModule(pl.LightningDataModule):
             samples than ``batch_size``: lower the learning rate or ``batch_size`` if a recipe was tuned for rows.
         eval_batch_size: validation/test/predict batch size per device (defaults to ``batch_size``).
         generate_val_samples: how many rows of each validation (and test) pass are answered by greedy generation
-            for the generation-based metrics (the first N rows of the split over all devices); ``None``: every row.
+            for the generation-based metrics (the first N rows of the split over all devices); ``None``: every row;
+            ``auto``: every row where generating for them is estimated to take under a tenth of the training time
+            between two validations, else the most rows that fit it (planned at the first validation of a fit and
+            kept; ``validate`` and ``test`` take every row; :class:`~qlit.tasks.GenerationTask`).
         chat_template: format prompts with the tokenizer's chat template; ``None`` uses it when the tokenizer
             has one (instruct models) and a plain prompt otherwise (base models).
         num_workers: DataLoader worker processes.
@@ -107,7 +110,7 @@ class QLitDataModule(pl.LightningDataModule):
         packing: bool | None = None,
         max_tokens: int | None = None,
         eval_batch_size: int | None = None,
-        generate_val_samples: int | None = 32,
+        generate_val_samples: int | Literal["auto"] | None = "auto",
         chat_template: bool | None = None,
         num_workers: int = 0,
         pin_memory: bool = True,
@@ -127,8 +130,10 @@ class QLitDataModule(pl.LightningDataModule):
             ("limit_train_samples", limit_train_samples, 0),
             ("limit_val_samples", limit_val_samples, 0),
             ("limit_test_samples", limit_test_samples, 0),
-            ("generate_val_samples", generate_val_samples, 0),
+            ("generate_val_samples", None if generate_val_samples == "auto" else generate_val_samples, 0),
         ]:
+            if option == "generate_val_samples" and isinstance(value, str):
+                raise QlitError(f"data.generate_val_samples must be a number of rows, auto or null, got {value!r}.")
             if value is not None and value < least:
                 unless = "" if least else " (or null for no limit)"
                 raise QlitError(f"data.{option} must be {least} or more{unless}, got {value}.")
@@ -218,7 +223,10 @@ class QLitDataModule(pl.LightningDataModule):
                 raise QlitError("data.init_args.tokenizer is empty: set model.init_args.pretrained (it is linked).")
             self.tokenizer = load_tokenizer(self.tokenizer_name)
             self.task = self.build_task()
-            self.task.max_generate_rows = self.generate_val_samples
+            if self.generate_val_samples == "auto":
+                self.task.generation_share = AUTO_GENERATION_SHARE  # the task plans its rows (start_pass)
+            else:
+                self.task.max_generate_rows = self.generate_val_samples
         if stage in (None, "fit"):
             needed = [self.train_split, self.val_split]
         elif stage == "validate":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qlit.errors import QlitError
-from qlit.metrics import MetricSpec
+from qlit.metrics import STDERR_SUFFIX, MetricSpec
 from qlit.study.runs import Row, Run, columns, format_value, read_run, run_row, task_metrics
 from qlit.study.techniques import describe_config, technique
 
@@ -49,6 +49,8 @@ _SHOWN = {
     "val/loss": "val loss",
     "val/perplexity": "perplexity",
     "val/latency_ms_mean": "latency ms",
+    "val/decode_ms_per_token": "decode ms/token",
+    "val/batch_decode_ms_per_token": "batch decode ms/token",
     "test/loss": "test loss",
     "test/perplexity": "test perplexity",
 }
@@ -63,6 +65,8 @@ _BETTER = {
     "val/loss": False,
     "val/perplexity": False,
     "val/latency_ms_mean": False,
+    "val/decode_ms_per_token": False,
+    "val/batch_decode_ms_per_token": False,
     "test/loss": False,
     "test/perplexity": False,
 }
@@ -261,6 +265,7 @@ def to_report_markdown(
         models = {row.get("model") for row in group} - {None}
         model = f", model `{models.pop()}`" if len(models) == 1 else ""
         lines += [f"## {task}{model}", "", _table(group, spec), ""]
+        lines += _indistinguishable(group, spec)
         plotted = plotted_metric(group)
         if plotted.name != spec.name:
             same = {row.get(spec.name) for row in group if row["status"] == "done"}
@@ -281,7 +286,9 @@ def to_report_markdown(
 
 
 def _table(rows: Sequence[Row], spec: MetricSpec) -> str:
+    # A metric's standard error is shown in its cell (value ± stderr), not in a column of its own.
     task_specs = [s for s in task_metrics() if any(r.get(s.name) is not None for r in rows)]
+    task_specs = [s for s in task_specs if not s.name.endswith(STDERR_SUFFIX)]
     task_specs.sort(key=lambda s: s.name != spec.name)
     shown: list[tuple[str, str]] = [("label", "technique"), ("run", "run")]
     if any(r["status"] != "done" for r in rows):
@@ -295,7 +302,9 @@ def _table(rows: Sequence[Row], spec: MetricSpec) -> str:
     shown += [(k, _header(k)) for k in ("train/tokens_per_sec", "train/step_time_sec")]
     shown += [(s.name, _header(s.name, s)) for s in task_specs]
     shown += [(k, _header(k)) for k in ("val/loss", "val/perplexity", "val/latency_ms_mean")]
+    shown += [(k, _header(k)) for k in ("val/decode_ms_per_token", "val/batch_decode_ms_per_token")]
     test = [s for s in task_metrics("test") if any(r.get(s.name) is not None for r in rows)]
+    test = [s for s in test if not s.name.endswith(STDERR_SUFFIX)]
     shown += [(k, _header(k)) for k in ("test/loss", "test/perplexity")] + [(s.name, _header(s.name, s)) for s in test]
     before = sorted({k for r in rows for k in r if k.startswith(BEFORE) and r[k] is not None})
     shown += [(k, _header(k)) for k in before]
@@ -310,8 +319,44 @@ def _table(rows: Sequence[Row], spec: MetricSpec) -> str:
     lines.append("|" + "|".join("---:" if any(_numeric(r.get(k)) for r in rows) else "---" for k, _ in shown) + "|")
     for row in rows:
         cells = [_cell(k, row[k] * 1024 if k in mib and row.get(k) is not None else row.get(k)) for k, _ in shown]
+        cells = [cell + _plus_minus(row, k) for cell, (k, _) in zip(cells, shown, strict=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _plus_minus(row: Row, key: str) -> str:
+    """`` ± <stderr>`` for a metric logged with its standard error, else nothing."""
+    stderr = row.get(key + STDERR_SUFFIX)
+    if row.get(key) is None or not isinstance(stderr, (int, float)) or not math.isfinite(stderr):
+        return ""
+    return f" ± {format_value(float(stderr))}"
+
+
+def _indistinguishable(rows: Sequence[Row], spec: MetricSpec) -> list[str]:
+    """The line saying which runs the group's best cannot be told apart from, on a main metric with a standard
+    error: those within twice the standard error of the difference, √(se₁² + se₂²) (about 95 %)."""
+    scored = [
+        (row, row[spec.name], row.get(spec.name + STDERR_SUFFIX))
+        for row in rows
+        if row["status"] == "done" and isinstance(row.get(spec.name), (int, float))
+    ]
+    scored = [(row, v, se) for row, v, se in scored if isinstance(se, (int, float)) and math.isfinite(se)]
+    if len(scored) < 2 or spec.higher_is_better is None:
+        return []
+    best, value, se = (max if spec.higher_is_better else min)(scored, key=lambda t: t[1])
+    close = [row["label"] for row, v, s in scored if row is not best and abs(v - value) <= 2 * math.hypot(se, s)]
+    name = spec.name.split("/", 1)[-1]
+    if not close:
+        return [
+            f"{name}: the best run, {best['label']}, is ahead of every other by more than twice the standard "
+            "error of the difference.",
+            "",
+        ]
+    return [
+        f"{name}: {', '.join(close)} cannot be told apart from the best run, {best['label']} (their difference is "
+        "within twice its standard error, √(se₁² + se₂²), over the rows generated for).",
+        "",
+    ]
 
 
 def _numeric(value: Any) -> bool:
@@ -363,7 +408,9 @@ def _column_notes(rows: Sequence[Row]) -> list[str]:
         'logged"). trainable: trainable / total parameters. weights: storage of the parameters (4-bit scales '
         "included). train time: the whole fit, model loading included. tokens/s and s/step: medians over the run "
         "(validation excluded). The task's metrics, loss and perplexity: the last validation of the trained model. "
-        "latency: mean per-sample time of a greedy `generate` in validation. `before:` the untrained model (the base, "
+        "latency: mean per-sample time of a greedy generation in validation; decode ms/token: its time per new token "
+        "after the first, one prompt at a time, and batch decode at the validation batch (one step for every row). "
+        "± : the standard error over the rows generated for. `before:` the untrained model (the base, "
         "with LoRA or IA3 at their identity initialisation).",
         *_fidelity_note(rows),
         "",

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_lm import DEMO_PROBE, NEW_TOKENS, PROMPT, RecordingLogger, TinyLM, batches, cpu_trainer, loader
 
+import qlit.generation as generation
 from qlit.callbacks import InferenceLatencyMonitor
 
 
@@ -52,6 +53,38 @@ def test_probe_generates_the_first_prompts_one_at_a_time_with_a_fixed_length(mon
     assert results["val/latency_ms_mean"] == pytest.approx(1000 * sum(seconds) / 3, rel=1e-5)
     assert results["val/latency_ms_p95"] >= results["val/latency_ms_mean"] > 0
     assert results["val/gen_tokens_per_sec"] == pytest.approx(12 / sum(seconds), rel=1e-5)
+
+
+class _Ticking:
+    """A clock each read of which is ``step`` seconds after the last."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_prefill_and_decoding_are_timed_apart_alone_and_at_the_validation_batch(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(generation, "perf_counter", _Ticking(0.01))
+    monitor = InferenceLatencyMonitor(probe_samples=3, probe_new_tokens=5)
+    batches_seen: list[tuple[int, ...]] = []
+    probe_batch = monitor.probe_batch
+    monkeypatch.setattr(
+        monitor,
+        "probe_batch",
+        lambda module, ids, mask: batches_seen.append(tuple(ids.shape)) or probe_batch(module, ids, mask),
+    )
+    (results,) = cpu_trainer(logger=False, callbacks=[monitor]).validate(TinyLM(), loader(3), verbose=False)
+    # A generate call reads the clock at its start, at its first token's scores and at its end: 10 ms of prefill,
+    # then 10 ms for the 4 decoding steps of the other new tokens.
+    assert results["val/prefill_ms"] == pytest.approx(10.0) and results["val/decode_ms_per_token"] == pytest.approx(2.5)
+    assert results["val/latency_ms_mean"] == pytest.approx(20.0)
+    # The same once for the pass's first batch, its two rows at once.
+    assert batches_seen == [(2, PROMPT)]
+    assert results["val/batch_prefill_ms"] == pytest.approx(10.0)
+    assert results["val/batch_decode_ms_per_token"] == pytest.approx(2.5)
 
 
 class _Passes(Callback):

@@ -7,9 +7,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_lm import BATCH, LENGTHS, SEQ, FakeClock, TinyLM, cpu_trainer, loader
 
-import qlit.callbacks.latency as latency
 import qlit.callbacks.memory as memory
 import qlit.callbacks.throughput as throughput
+import qlit.generation as generation
 from qlit.callbacks import GPUMemoryMonitor, InferenceLatencyMonitor, TokenThroughputMonitor
 
 PROBE_TOKENS = 2
@@ -39,8 +39,9 @@ def test_two_ranks_sum_tokens_gather_latencies_and_log_the_largest_memory(tmp_pa
     # The batch order below is the unshuffled one: a seed left by an earlier run in this process would change it.
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     monkeypatch.setattr(throughput, "perf_counter", clock)  # forked ranks inherit the patch and their own clock
-    # Rank 1 generates twice as slowly as rank 0.
-    monkeypatch.setattr(latency, "perf_counter", RankClock((0.1, 0.2)))
+    # Rank 1 generates twice as slowly as rank 0: a generate call reads the clock at its start, at its first token's
+    # scores (the end of the prefill) and at its end, so each takes two of its rank's steps.
+    monkeypatch.setattr(generation, "perf_counter", RankClock((0.05, 0.1)))
     monkeypatch.setattr(memory, "peak_rss_bytes", _rank_rss)
     logger = TensorBoardLogger(tmp_path, name="ddp", version=0)  # the parent must not pick a new one
     trainer = cpu_trainer(
@@ -75,6 +76,10 @@ def test_two_ranks_sum_tokens_gather_latencies_and_log_the_largest_memory(tmp_pa
     # Ranks generate in parallel: 2 × 2 tokens in 2 × 0.1 s plus 2 × 2 in 2 × 0.2 s.
     rate = BATCH * PROBE_TOKENS / (BATCH * 0.1) + BATCH * PROBE_TOKENS / (BATCH * 0.2)
     assert scalars["val/gen_tokens_per_sec"][-1][1] == pytest.approx(rate)
+    # The prefill is a step (50 ms on rank 0, 100 ms on rank 1), and so is the one decoding step after it: the means
+    # over both ranks' calls, alone and at each rank's validation batch.
+    for name in ("prefill_ms", "decode_ms_per_token", "batch_prefill_ms", "batch_decode_ms_per_token"):
+        assert scalars[f"val/{name}"][-1][1] == pytest.approx(75.0), name
     # Memory is per device, never summed (that would be 4 GiB): the largest rank's, rank 1's, at every log.
     assert [s for s, _ in scalars["cpu/peak_rss_gib"]][:2] == [1, 2]
     assert [v for _, v in scalars["cpu/peak_rss_gib"]] == [3.0] * len(scalars["cpu/peak_rss_gib"])
