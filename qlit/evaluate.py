@@ -126,6 +126,7 @@ def evaluate_model(
     revision: str | None = None,
     dtype: str | None = None,
     max_length: int | None = None,
+    generation: str = "auto",
 ) -> EvalResult:
     """Evaluate a trained adapter (on its base, quantized as in training) or a plain model with lm-eval.
 
@@ -165,6 +166,9 @@ def evaluate_model(
             ``float32``, ``bfloat16``, ``float16``; ``None``: ``auto``, or the recorded dtype).
         max_length: the longest prompt + continuation lm-eval gives the model, in tokens (``None``: the model's
             own limit); longer requests lose their beginning.
+        generation: how the generating tasks decode when greedy (``QLitModule.generation``, :mod:`qlit.generation`):
+            ``auto`` replays the decode step as a CUDA graph where it applies, ``graphs`` insists, ``eager`` keeps
+            lm-eval's call of transformers' ``generate``. Sampling settings always go to ``generate``.
 
     Returns:
         The results, where they were written and the scores logged.
@@ -186,6 +190,9 @@ def evaluate_model(
     if max_length is not None and max_length < 1:
         raise QlitError(f"max_length (the model's context, in tokens) must be 1 or more, got {max_length}.")
     dtype = _check_dtype(dtype)
+    from qlit.generation import Generator
+
+    generator = Generator(generation, option="--generation")  # type: ignore[arg-type]  # one sentence if not a choice
     source = _source(adapter, model, run_config, log_dir)
     include = str(Path(include_path).expanduser()) if include_path is not None else None
     target = _device(device)
@@ -202,7 +209,11 @@ def evaluate_model(
 
         lengths = {} if max_length is None else {"max_length": max_length}
         with _quiet("lm_eval"):  # its warnings about a model object concern launchers qlit skips
-            lm = HFLM(pretrained=model_object, tokenizer=tokenizer, batch_size=batch_size, **lengths)
+            lm = _generating_lm(HFLM)(pretrained=model_object, tokenizer=tokenizer, batch_size=batch_size, **lengths)
+        from qlit.models.quant import backend_class
+
+        lm.qlit_generator = generator
+        lm.qlit_allows_graphs = backend_class(info["quantization"]["mode"]).allows_cuda_graphs
         roots = [obj for name in names for obj in _roots(loaded[name])]
         with torch.no_grad(), _lm_eval_console() as console:
             results = lm_eval.simple_evaluate(
@@ -232,6 +243,46 @@ def evaluate_model(
         truncated=console.truncated,
         max_length=lm.max_length,
     )
+
+
+@functools.cache
+def _generating_lm(hflm: type) -> type:
+    """lm-eval's ``HFLM`` whose greedy generations (``generate_until``) go through :mod:`qlit.generation`: the
+    same tokens as its call of transformers' ``generate``, decoded by the recorded step where it applies."""
+
+    class QlitLM(hflm):  # type: ignore[misc, valid-type]
+        qlit_generator: Any = None
+        qlit_allows_graphs = False
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+            import torch
+
+            options = dict(kwargs)
+            mask = options.pop("attention_mask", None)
+            temperature = options.pop("temperature", 0.0)
+            greedy = options.pop("do_sample", None) in (None, False) and not temperature and not options
+            if self.qlit_generator is None or self.qlit_generator.choice == "eager" or not greedy:
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            pad = self.tokenizer.pad_token_id
+            if mask is None:  # as generate infers it: padding where the pad id is no end-of-sequence id
+                mask = context.ne(pad) if pad is not None else torch.ones_like(context)
+            dtype = getattr(self, "mixed_precision_dtype", None)
+            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                # End-of-sequence ids: the model's generation config's, as generate takes them from it. The stop
+                # strings are not watched: lm-eval cuts each answer at the first of them, and the tokens before it
+                # are the same.
+                out = self.qlit_generator.generate(
+                    self.model,
+                    context,
+                    mask,
+                    max_new_tokens=max(max_length - context.shape[1], 1),
+                    eos_token_id=None,
+                    pad_token_id=pad,
+                    allows_graphs=self.qlit_allows_graphs,
+                )
+            return torch.cat([context, out.tokens.to(context.device)], dim=1)
+
+    return QlitLM
 
 
 # ----- checking the options -------------------------------------------------------------------------------------------
@@ -748,6 +799,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--run_config", metavar="FILE", help="a checkpoint's run config.yaml (default: beside it)")
     parser.add_argument("--log_dir", metavar="DIR", help="TensorBoard run to log to (default: the adapter's run)")
     parser.add_argument("--trust_remote_code", action="store_true", help="run model code from the hub repository")
+    parser.add_argument(
+        "--generation",
+        default="auto",
+        choices=("auto", "graphs", "eager"),
+        help="greedy generation: the decode step as a CUDA graph where it applies (auto), insist (graphs), or "
+        "transformers' generate (eager)",
+    )
     return parser
 
 

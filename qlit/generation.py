@@ -82,10 +82,10 @@ _PROCESSORS = (
 _MASKED_ATTENTION = ("sdpa", "eager", "qlit_varlen")
 
 
-def check_generation(choice: Any) -> None:
-    """Refuse a ``generation`` choice that is not one of ``auto``, ``graphs``, ``eager``."""
+def check_generation(choice: Any, option: str = "model.generation") -> None:
+    """Refuse a ``generation`` choice that is not one of ``auto``, ``graphs``, ``eager`` (``option``: its name)."""
     if choice not in _CHOICES:
-        raise QlitError(f"model.generation must be auto, graphs or eager, got {choice!r}.")
+        raise QlitError(f"{option} must be auto, graphs or eager, got {choice!r}.")
 
 
 @dataclass
@@ -440,11 +440,13 @@ class Generator:
 
     Args:
         choice: ``auto``, ``graphs`` (insist: an error where the recorded step cannot apply) or ``eager``.
+        option: the choice's name in error messages.
     """
 
-    def __init__(self, choice: GenerationChoice = "auto") -> None:
-        check_generation(choice)
+    def __init__(self, choice: GenerationChoice = "auto", option: str = "model.generation") -> None:
+        check_generation(choice, option)
         self.choice = choice
+        self.option = option
         #: Why the recorded step does not apply (or failed), once known; ``None`` while it may.
         self.off_because: str | None = None
         self._checked: int | None = None  # id of the model the reasons were checked for
@@ -522,7 +524,7 @@ class Generator:
             if reasons:
                 self.release()
                 if self.choice == "graphs":
-                    raise QlitError(f"model.generation: graphs needs {'; '.join(reasons)}: set it to auto or eager.")
+                    raise QlitError(f"{self.option}: graphs needs {'; '.join(reasons)}: set it to auto or eager.")
                 if device.type == "cuda":  # on a GPU, say why the recorded step's speed-up is not there
                     _info(
                         f"Generation runs transformers' generate (the recorded decode step needs {'; '.join(reasons)})."
@@ -532,7 +534,7 @@ class Generator:
 
     def _give_up(self, why: str) -> None:
         if self.choice == "graphs":
-            raise QlitError(f"model.generation: graphs cannot record this model's decode step: {why}.")
+            raise QlitError(f"{self.option}: graphs cannot record this model's decode step: {why}.")
         _info(f"Generation runs transformers' generate from now on: {why}.")
         self.off_because = why
 

@@ -508,7 +508,7 @@ def _split_rows(trainer: Any) -> int | None:
 
 
 def _plan_line(rows: int | None, total: int | None, per_row: float, training: float, share: float) -> str:
-    cost = f"{per_row:.2g} s a row against {training:.0f} s of training between validations"
+    cost = f"{per_row:.2g} s a row against {training:.3g} s of training between validations"
     if rows is None:
         return f"generate_val_samples auto: every validation row is generated for ({cost})."
     of = f" of {total}" if total is not None else ""

@@ -203,3 +203,71 @@ def test_calls_share_the_recorded_steps_of_their_batch_size_where_the_cache_hold
     assert [key[1:3] for key in generator._decoders] == [(4, 32), (2, 32), (4, 48)]
     generator.release()
     assert not generator._decoders
+
+
+def test_a_fit_plans_its_generated_rows_and_logs_stderrs_and_decoding_latency(tmp_path, caplog):
+    from helpers import ROOT, run_cli, scalars
+
+    with caplog.at_level("INFO"):
+        cli = run_cli(
+            tmp_path,
+            "fit",
+            "--config",
+            str(ROOT / "configs/demo_squad.yaml"),
+            *("--data.init_args.generate_val_samples", "auto", "--trainer.max_steps", "4"),
+            *("--trainer.max_epochs", "-1", "--trainer.val_check_interval", "4", "--trainer.num_sanity_val_steps", "1"),
+            *("--latency.probe_samples", "2", "--latency.probe_new_tokens", "4"),
+        )
+    task = cli.model.task
+    # The sanity check measured a row's cost and the first validation planned the rows from it, in one line.
+    assert task._planned and "generate_val_samples auto: " in caplog.text
+    assert task.max_generate_rows is None or task.max_generate_rows >= 1
+    logged = scalars(cli.trainer.log_dir)
+    for tag in ("val/f1", "val/f1_stderr", "val/exact_match_stderr", "val/prefill_ms", "val/decode_ms_per_token"):
+        assert tag in logged, tag
+    assert logged["val/batch_decode_ms_per_token"][-1][1] > 0
+    assert not cli.model.generator._decoders  # nothing recorded is kept past the pass (none is on the CPU)
+
+
+@torch.no_grad()
+def test_qlit_evals_greedy_generations_go_through_the_static_loop_with_lm_evals_answers(tmp_path, monkeypatch):
+    """``qlit eval``'s generating task: the answers lm-eval scores are the same through qlit's loop (run here on
+    the CPU in place of the recorded step) as through lm-eval's call of ``generate``."""
+    import json
+
+    pytest.importorskip("lm_eval")
+    from helpers import ROOT
+
+    from qlit import generation
+    from qlit.evaluate import evaluate_model
+
+    monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)  # pip list and drivers: seconds
+    rows = [{"question": q, "choices": [" a", " b"], "answer": 0} for q in ("Which colour?", "What follows three?")]
+    rows += [{"question": "The plot was dull and slow. The review is", "choices": [" no", " yes"], "answer": 1}]
+    (tmp_path / "qlit_mc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.chdir(tmp_path)
+    _module().save_adapter_to(tmp_path / "adapter")  # a LoRA whose B is not zero: it changes the answers
+
+    def answers(choice: str) -> list[str]:
+        evaluate_model(
+            ["qlit_gen"],
+            adapter=tmp_path / "adapter",
+            include_path=ROOT / "tests" / "eval_tasks",
+            device="cpu",
+            log_samples=True,
+            output=tmp_path / choice,
+            gen_kwargs={"max_gen_toks": 6},
+            generation=choice,
+        )
+        (samples,) = (tmp_path / choice).glob("samples_qlit_gen_*.jsonl")
+        return [json.loads(line)["resps"][0][0] for line in samples.read_text().splitlines()]
+
+    eager = answers("eager")
+    runs = []
+    run = generation._StaticDecoder.run
+    monkeypatch.setattr(generation, "graph_reasons", lambda *args: [])
+    monkeypatch.setattr(generation.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(generation._StaticDecoder, "_advance", lambda self, record: self._step())
+    monkeypatch.setattr(generation._StaticDecoder, "run", lambda self, *a, **k: runs.append(a) or run(self, *a, **k))
+    assert answers("graphs") == eager and any(eager)
+    assert runs  # the loop did generate them
