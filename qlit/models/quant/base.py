@@ -84,6 +84,8 @@ class QuantBackend:
     allows_cuda_graphs: ClassVar[bool] = False
     #: LoRA may run as qlit's fused autograd function over the stored weights (``QLitModule.fused_lora``).
     allows_fused_lora: ClassVar[bool] = False
+    #: The base may be sharded over the ranks by FSDP2 (``--trainer.strategy qlit_fsdp2``, :mod:`qlit.sharding`).
+    allows_sharding: ClassVar[bool] = False
 
     #: The spec's mode-specific fields this backend reads (``bits``, ``group_size``, ``axis``, ``scheme``); setting
     #: any other is refused when the spec is built. :meth:`check_options` checks their values.
@@ -216,6 +218,17 @@ class QuantBackend:
     def after_load(self, model: Any, device: torch.device) -> Any:
         """The loaded model, on ``device`` and ready to train."""
         return model.to(device)
+
+    def empty_layout(
+        self, model: Any, placeholder: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """For a sharded run that loads each rank's rows alone (:mod:`qlit.sharding`): give ``model``, built from its
+        config with every parameter on the meta device, the layers this format trains with, their parameters that
+        are stored in another layout than the checkpoint's made with ``placeholder(shape, dtype)``; return, by
+        parameter name, how each of those is made from its whole checkpoint tensor (the other parameters are stored
+        as the checkpoint holds them). ``None`` (the default): the format cannot be built without its weights, and
+        every rank loads the whole base before it is sharded."""
+        return None
 
     def convert(self, model: Any, *, has_adapter: bool) -> None:
         """Change the loaded model's layers in place, before peft wraps it (nothing for a base loaded as stored)."""

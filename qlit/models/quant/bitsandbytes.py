@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -106,6 +108,7 @@ class FourBit(BitsAndBytes):
     packs_weights: ClassVar[bool] = True  # two 4-bit weights to a byte
     allows_cuda_graphs: ClassVar[bool] = True
     allows_fused_lora: ClassVar[bool] = True
+    allows_sharding: ClassVar[bool] = True
     labels: ClassVar[dict[str, str]] = {"nf4": "NF4", "fp4": "FP4"}
     lora_inits: ClassVar[tuple[str, ...]] = ("default", "pissa", "olora", "eva", "loftq")
     # peft's PiSSA needs full-precision weights, and its LoftQ quantizes them itself: on a 4-bit base both run as peft's
@@ -174,6 +177,46 @@ class FourBit(BitsAndBytes):
             bnb_4bit_quant_storage=to_dtype(spec.quant_storage),
             llm_int8_skip_modules=spec.skip_modules,
         )
+
+    def empty_layout(
+        self, model: Any, placeholder: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        import bitsandbytes as bnb
+        from transformers.quantizers import AutoHfQuantizer
+
+        # transformers' own choice of the layers to quantize (not lm_head, nor skip_modules), as from_pretrained makes.
+        quantizer = AutoHfQuantizer.from_config(self.bnb_config(), pre_quantized=False)
+        quantizer.preprocess_model(model, device_map={"": "cpu"})
+        quantizer.postprocess_model(model)
+        model.hf_quantizer = quantizer
+        model.config.quantization_config = quantizer.quantization_config
+        storage = to_dtype(self.spec.quant_storage)
+        made: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, bnb.nn.Linear4bit):
+                continue
+            meta = module.weight
+            kwargs = dict(
+                blocksize=meta.blocksize,
+                compress_statistics=meta.compress_statistics,
+                quant_type=meta.quant_type,
+                quant_storage=storage,
+            )
+            packed = meta.numel() // (2 * storage.itemsize)  # two 4-bit weights to a byte
+            module.weight = bnb.nn.Params4bit(
+                placeholder((packed, 1), storage), requires_grad=False, module=module, bnb_quantized=True, **kwargs
+            )
+            made[f"{name}.weight"] = functools.partial(_quantize, module, kwargs)
+        _keep_cpu_4bit_trainable(model)  # no effect on a GPU
+        return made
+
+
+def _quantize(module: Any, kwargs: dict[str, Any], weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (whole, on its device) quantized as transformers quantizes it for ``module``, whose quantization
+    state it sets; the packed weight."""
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(weight, requires_grad=False, module=module, **kwargs).to(weight.device).data
 
 
 def _keep_cpu_4bit_trainable(model: Any) -> None:
