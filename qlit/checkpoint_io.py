@@ -28,6 +28,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"
 #: What Lightning writes into every checkpoint it saves, and reads first when loading one.
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+#: The file of a checkpoint folder of shards that holds what is not a tensor (Lightning's name for it).
+SHARDED_METADATA = "meta.pt"
 
 # The run folders of Lightning's loggers: a new run writes into a new version_N beside the killed one's.
 _VERSION = re.compile(r"^version_\d+$")
@@ -102,13 +104,28 @@ def _no_space(err: BaseException | None) -> bool:
     return False
 
 
-def read_checkpoint(path: str | os.PathLike, what: str, *, hint: str | None = None) -> dict[str, Any]:
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint folder of per-rank shards (a sharded run's, ``save_distributed_checkpoint``):
+    PyTorch's distributed checkpoint beside Lightning's metadata file."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_METADATA).is_file() and (path / ".metadata").is_file()
+
+
+def read_checkpoint(
+    path: str | os.PathLike, what: str, *, hint: str | None = None, tensors: bool = True
+) -> dict[str, Any]:
     """A Lightning checkpoint, loaded without running code and memory-mapped (its tensors are read when used).
 
+    A checkpoint folder of per-rank shards (:func:`is_sharded_checkpoint`) is read whole into one process: its
+    ``state_dict`` (gathered from the shards) and its metadata; ``optimizer_states`` holds an empty state per
+    optimizer it stores.
+
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or folder of shards.
         what: how the sentence names it (``"checkpoint 'last.ckpt'"``).
         hint: what to add to the sentence for a file that loads but is not a Lightning checkpoint.
+        tensors: for a folder of shards, read its weights (``False``: an empty ``state_dict``, for a check of its
+            metadata).
 
     Raises:
         QlitError: the file is missing, empty, truncated, not written by ``torch.save``, holds Python objects other
@@ -116,6 +133,8 @@ def read_checkpoint(path: str | os.PathLike, what: str, *, hint: str | None = No
             version: Lightning's loader fails on such a file with a bare ``KeyError``).
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _read_sharded(path, what, tensors=tensors)
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -143,6 +162,32 @@ def read_checkpoint(path: str | os.PathLike, what: str, *, hint: str | None = No
             f"{what} is not a Lightning checkpoint: it records no {LIGHTNING_VERSION_KEY}, so Lightning did not "
             f"write it{ending}"
         )
+    return checkpoint
+
+
+def _read_sharded(path: Path, what: str, *, tensors: bool) -> dict[str, Any]:
+    """:func:`read_checkpoint` of a folder of shards, in one process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=True)
+        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as err:  # as in read_checkpoint: torch.load's and the reader's failures have no common type
+        raise QlitError(
+            f"{what} cannot be read as a checkpoint folder: {_first_line(err, type(err).__name__)}."
+        ) from None
+    if not isinstance(checkpoint, dict) or LIGHTNING_VERSION_KEY not in checkpoint:
+        raise QlitError(
+            f"{what} is not a Lightning checkpoint folder: its {SHARDED_METADATA} records no Lightning version."
+        )
+    checkpoint["state_dict"] = {}
+    if tensors and any(key.startswith("state_dict.") for key in stored):
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        checkpoint["state_dict"] = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))["state_dict"]
+    optimizers = sorted({key.split(".", 1)[0] for key in stored if key.startswith("optimizer_")})
+    if optimizers:
+        checkpoint["optimizer_states"] = [{} for _ in optimizers]
     return checkpoint
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlit.checkpoint_io import adapter_weight_names, read_checkpoint
+from qlit.checkpoint_io import adapter_weight_names, is_sharded_checkpoint, read_checkpoint
 from qlit.errors import QlitError
 from qlit.hub import looks_local
 from qlit.io import atomic_dir
@@ -108,7 +108,7 @@ def export_merged(
         device=torch.device(device),
         trust_remote_code=trust_remote_code,
     )
-    if source.is_dir():
+    if source.is_dir() and not is_sharded_checkpoint(source):
         return merge(source)
     with tempfile.TemporaryDirectory(prefix="qlit-export-") as staged:
         config = Path(run_config).expanduser() if run_config else source.resolve().parent.parent / "config.yaml"
@@ -207,8 +207,8 @@ def check_trained(source: Path, name: str, *, plain_model: str) -> None:
         QlitError: a missing path, an empty, truncated or foreign checkpoint, an empty directory, a directory without
             ``adapter_config.json`` (or with one peft cannot read), or adapter weights that are missing or corrupt.
     """
-    if source.is_file():
-        read_checkpoint(source, f"Checkpoint '{name}'")
+    if source.is_file() or is_sharded_checkpoint(source):
+        read_checkpoint(source, f"Checkpoint '{name}'", tensors=False)
         return
     if not source.is_dir():
         raise QlitError(

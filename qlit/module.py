@@ -279,15 +279,20 @@ class QLitModule(pl.LightningModule):
             elif self.adapter_path is None:
                 quantization.backend.check_full_fine_tuning()
             self.quantization = quantization
-        model = load_causal_lm(
-            self.pretrained,
-            quantization=self.quantization,
-            dtype=self.dtype_name,
-            device=device,
-            revision=self.revision,
-            trust_remote_code=self.trust_remote_code,
-            attn_implementation=self._attention(device),
-        )
+        # A strategy that shards the model (qlit.sharding) may build the base without its weights: shard_module fills
+        # each rank's part of them once the model is sharded.
+        sharded_base = getattr(self._trainer.strategy, "sharded_base", None) if self._trainer is not None else None
+        model = sharded_base(self) if sharded_base is not None else None
+        if model is None:
+            model = load_causal_lm(
+                self.pretrained,
+                quantization=self.quantization,
+                dtype=self.dtype_name,
+                device=device,
+                revision=self.revision,
+                trust_remote_code=self.trust_remote_code,
+                attn_implementation=self._attention(device),
+            )
         self.kernels_applied = apply_kernels(model, self.kernels, device, layer_kernels=not self.compile_layers)
         model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
         # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode as it finds it:
@@ -307,6 +312,9 @@ class QLitModule(pl.LightningModule):
             self.checkpointed_layers = layers.checkpoint_first(self.model, self.gradient_checkpointing)
         if self.compile_layers:
             layers.compile_layers(self.model)
+        shard_module = getattr(self._trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if shard_module is not None:
+            shard_module(self)
 
     def _may_graph(self, device: torch.device) -> bool:
         """Whether the layers kept from checkpointing may be replayed as CUDA graphs (what the trainer and the data
@@ -486,7 +494,16 @@ class QLitModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # Each rank's loss is the mean over its own answer tokens: weighted by the rank's share of the global
+            # batch's tokens, the ranks' averaged gradient is the one of the mean over every token of the global
+            # batch, as one process computes it (not a mean of per-rank means, which weights a rank with fewer
+            # tokens more). Logged as the mean over the ranks: the global batch's loss.
+            tokens = (batch["labels"][..., 1:] != IGNORE_INDEX).sum().to(loss.dtype)
+            total = self.trainer.strategy.reduce(tokens.detach().clone(), reduce_op="sum")
+            loss = loss * tokens * world / total.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch), sync_dist=world > 1)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -773,7 +790,9 @@ class QLitModule(pl.LightningModule):
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         adapter_saved = self.save_adapter and self.has_adapter
         if adapter_saved:
-            self._save_adapter(log_dir)
+            # A strategy that shards the model gathers the adapter's weights onto rank 0 first (every rank takes part).
+            gather = getattr(self.trainer.strategy, "gathered_state_dict", None)
+            self._save_adapter(log_dir, gather(self.model) if gather is not None else None)
         self._save_trained(log_dir, adapter_saved)
 
     @rank_zero_only
@@ -817,16 +836,17 @@ class QLitModule(pl.LightningModule):
         return total / tokens if tokens else None
 
     @rank_zero_only
-    def _save_adapter(self, log_dir: Path) -> None:
+    def _save_adapter(self, log_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         target = log_dir / "adapter"
-        self.save_adapter_to(target)
+        self.save_adapter_to(target, state_dict)
         self.saved_to = target
         log.info("adapter saved to %s", target)
 
-    def save_adapter_to(self, directory: str | Path) -> None:
-        """Write the adapter in peft format (``adapter_config.json``, ``adapter_model.safetensors``) and tokenizer."""
+    def save_adapter_to(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter in peft format (``adapter_config.json``, ``adapter_model.safetensors``) and tokenizer;
+        ``state_dict``: the adapter's weights gathered whole, where the model holds only this rank's shard of them."""
         directory = Path(directory)
-        self.adapter_start.save(self.model, directory)
+        self.adapter_start.save(self.model, directory, state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         # How the base was stored while the adapter trained: `qlit export` rebuilds exactly that base to merge into.

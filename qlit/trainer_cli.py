@@ -21,10 +21,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning, rank_zero_info
 
+from qlit import sharding  # noqa: F401 (importing it registers --trainer.strategy qlit_fsdp2 with Lightning)
 from qlit.callbacks import ALWAYS_ON
 from qlit.callbacks.progress import progress_bar
 from qlit.callbacks.timing import TrainingTimeMonitor
-from qlit.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from qlit.checkpoint_io import AtomicCheckpointIO, is_sharded_checkpoint, read_checkpoint
 from qlit.data.base import QLitDataModule
 from qlit.errors import QlitError
 from qlit.module import CHECKPOINT_BASE_KEY, QLitModule
@@ -411,12 +412,12 @@ def read_ckpt_path(ckpt_path: Any, subcommand: str) -> dict[str, Any] | None:
     path = Path(name).expanduser()
     if not path.exists():
         raise QlitError(f"ckpt_path '{name}' does not exist.")
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         inside = next((c for c in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()), None)
         hint = f"did you mean '{inside}'?" if inside else "give one of the .ckpt files in it."
         raise QlitError(f"ckpt_path '{name}' is a directory, not a checkpoint file: {hint}")
     hint = "a trained adapter in peft format is loaded with model.init_args.adapter_path"
-    checkpoint = read_checkpoint(path, f"ckpt_path '{name}'", hint=hint)
+    checkpoint = read_checkpoint(path, f"ckpt_path '{name}'", hint=hint, tensors=False)
     if subcommand == "fit" and "optimizer_states" not in checkpoint:
         raise QlitError(
             f"ckpt_path '{name}' holds weights only (no optimizer state), so fit cannot resume from it: evaluate it "
