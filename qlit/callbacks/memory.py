@@ -1,5 +1,6 @@
 """GPU memory (allocated, reserved, per-epoch peaks) per device during training, the largest over the devices; the
-process's peak RSS where there is no GPU."""
+process's peak RSS where there is no GPU; and the bytes each rank holds of the parameters, gradients and optimizer
+state, which show how a sharded run splits them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,43 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from qlit.callbacks._common import GIB, log_to_loggers, optimizer_step_done
 from qlit.metrics import MetricSpec
+
+#: The metrics of :func:`state_bytes`: what a rank holds of the parameters, their gradients and the optimizer state.
+STATE_METRICS = ("memory/params_gib", "memory/grads_gib", "memory/optimizer_gib")
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """The bytes this process holds of ``tensor``: its own shard where it is sharded (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+def state_bytes(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """The bytes this process holds of ``module``'s parameters (packed weights at their stored size), of their
+    gradients, and of ``optimizers``' state, by the names of :data:`STATE_METRICS`."""
+    params = list(module.parameters())
+    optimizer_tensors = [
+        value
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    return {
+        "memory/params_gib": sum(_local_bytes(p) for p in params),
+        "memory/grads_gib": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        "memory/optimizer_gib": sum(_local_bytes(t) for t in optimizer_tensors),
+    }
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def peak_rss_bytes() -> int:
@@ -30,6 +68,11 @@ class GPUMemoryMonitor(Callback):
     epoch's peak, validation included). The numbers come from the allocator's own counters, which cost no device
     synchronisation. Without CUDA the process's peak resident memory is logged instead (``cpu/peak_rss_gib``, since
     the process started), which one info line says at set-up.
+
+    ``memory/params_gib``, ``memory/grads_gib`` and ``memory/optimizer_gib`` are the bytes this rank holds of the
+    parameters (packed weights at their stored size; bitsandbytes' 4-bit quantization constants, which are no
+    parameters, are not counted), of their gradients and of the optimizer state: a sharded run's are its shards
+    (``1/N`` each on ``N`` ranks), which one info line per fit says for every rank (:attr:`rank_bytes`).
 
     Every value is one device's (one process's) own, never a sum: under several processes each rank reads its own
     device and the largest value over the ranks is logged (one ``all_reduce`` per log), the memory the fullest device
@@ -55,6 +98,7 @@ class GPUMemoryMonitor(Callback):
             sources=(("gpu/peak_allocated_gib", "gpu allocated"), ("cpu/peak_rss_gib", "cpu rss")),
             source_column="peak_memory_of",
         ),
+        *(MetricSpec(name, "GiB", higher_is_better=False, aggregate=None) for name in STATE_METRICS),
     )
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
@@ -66,6 +110,9 @@ class GPUMemoryMonitor(Callback):
         self._every = 1
         self._last_step = 0
         self._said_cpu = False
+        self._said_ranks = False
+        #: Each rank's :func:`state_bytes` at the latest log, in rank order (on every rank).
+        self.rank_bytes: list[dict[str, int]] = []
 
     @property
     def _cuda(self) -> bool:
@@ -83,6 +130,7 @@ class GPUMemoryMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._said_ranks = False
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._cuda:
@@ -116,7 +164,26 @@ class GPUMemoryMonitor(Callback):
 
     def _log(self, trainer: Trainer) -> None:
         held = getattr(trainer.lightning_module, "graph_held_bytes", 0)
-        log_to_loggers(trainer, self._largest_over_ranks(trainer, self.read(held)))
+        own = state_bytes(trainer.lightning_module, trainer.optimizers)
+        self.rank_bytes = self._every_rank(trainer, own)
+        if len(self.rank_bytes) > 1 and not self._said_ranks:
+            self._said_ranks = True
+            ranks = "; ".join(
+                f"rank {rank} " + ", ".join(_size(state[name]) for name in STATE_METRICS)
+                for rank, state in enumerate(self.rank_bytes)
+            )
+            rank_zero_info(f"Held per rank (parameters, gradients, optimizer state): {ranks}.")
+        values = {**self.read(held), **{name: n / GIB for name, n in own.items()}}
+        log_to_loggers(trainer, self._largest_over_ranks(trainer, values))
+
+    def _every_rank(self, trainer: Trainer, own: dict[str, int]) -> list[dict[str, int]]:
+        dist = torch.distributed
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return [own]
+        mine = torch.tensor(list(own.values()), dtype=torch.float64, device=self._device)
+        every = [torch.empty_like(mine) for _ in range(trainer.world_size)]
+        dist.all_gather(every, mine)
+        return [dict(zip(own, (int(v) for v in t.tolist()), strict=True)) for t in every]
 
     def _largest_over_ranks(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
         # Called by every rank at the same steps (the global step is the same on all): a collective.
