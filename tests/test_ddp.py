@@ -1,4 +1,5 @@
-"""`qlit fit` on two CPU processes (DDP over gloo), as a user starts it: training, validation, the adapter, resume."""
+"""`qlit fit` on two CPU processes (DDP over gloo), as a user starts it: training, validation, the adapter, resume
+(sharded training: tests/test_fsdp2.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT, run_main, scalars
+from helpers import ROOT, scalars
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from qlit.batch import IGNORE_INDEX
@@ -126,76 +127,3 @@ def test_two_process_fit_saves_one_adapter_syncs_validation_and_resumes(tmp_path
     second = tmp_path / "logs" / "demo" / "version_1"
     assert sorted(step for step, _ in scalars(second)["train/loss"]) == [2, 3]
     assert (second / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_fsdp_qlora_config_builds_a_sharding_strategy_by_decoder_layer(capsys):
-    # Lightning refuses FSDP on a CPU (it requires a GPU accelerator), so the strategy is built from the parsed
-    # config without a Trainer; the run itself needs two GPUs.
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.plugins.precision import FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy, Strategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-
-    from qlit.models.quantization import Quantization
-
-    assert run_main("fit", "--config", str(ROOT / "configs/qwen_qlora_fsdp.yaml"), "--print_config") == 0
-    config = yaml.safe_load(capsys.readouterr().out)
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=Strategy)
-    strategy = parser.instantiate_classes(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
-    assert isinstance(strategy, FSDPStrategy)
-    wrap = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(wrap, ModuleWrapPolicy) and wrap._module_classes == {Qwen2DecoderLayer}
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
-    assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy._state_dict_type == "full"
-    assert strategy.kwargs["use_orig_params"]  # frozen 4-bit and trainable LoRA weights in one unit
-
-    # One dtype in every unit: packed 4-bit storage, the other weights, and FSDP's bf16 policy for the LoRA weights.
-    precision = FSDPPrecision(config["trainer"]["precision"]).mixed_precision_config
-    assert precision.param_dtype == precision.reduce_dtype == torch.bfloat16
-    model = config["model"]["init_args"]
-    quantization = Quantization(**model["quantization"])
-    assert quantization.quant_storage == quantization.compute_dtype == model["dtype"] == "bfloat16"
-    assert model["gradient_checkpointing"] is False and model["prepare_kbit"] is False
-    assert model["save_adapter"] is False  # the end-of-fit export would read FSDP shards on rank 0 alone
-
-
-def test_nf4_stored_as_bf16_packs_its_weights_in_bf16_and_trains_a_step(tmp_path, tiny_qwen2):
-    import bitsandbytes as bnb
-    from lightning.pytorch.plugins.precision import FSDPPrecision
-    from peft import LoraConfig
-
-    from qlit.models.quantization import Quantization
-    from qlit.module import QLitModule
-
-    quantization = Quantization(mode="nf4", compute_dtype="bfloat16", quant_storage="bfloat16")
-    adapter = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    module = QLitModule(
-        pretrained="qlit-tiny/qwen2", quantization=quantization, dtype="bfloat16", adapter=adapter, prepare_kbit=False
-    )
-    module.configure_model()
-    packed = [m.weight for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert packed and {w.dtype for w in packed} == {torch.bfloat16}
-    # Two 4-bit weights to a byte: a bf16 element holds four.
-    assert all(w.numel() * 4 == w.quant_state.shape.numel() for w in packed)
-    # peft keeps the LoRA weights in fp32; under bf16-true Lightning casts the module before FSDP wraps it, leaving one
-    # dtype in every unit as FSDP needs to flatten it, and the packed weights intact.
-    before = [w.detach().view(torch.uint8).clone() for w in packed]  # bytes: some read as bf16 NaNs
-    assert torch.float32 in {p.dtype for p in module.model.parameters()}
-    module = FSDPPrecision("bf16-true").convert_module(module)
-    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
-    after = [m.weight for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert all(torch.equal(w.view(torch.uint8), b) for w, b in zip(after, before, strict=True))
-
-    lora = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    batch = {"input_ids": torch.randint(1, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
-    batch["labels"] = batch["input_ids"].clone()
-    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-2)
-    loss = module.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    moved = [n for n, p in module.model.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
-    assert moved and len(moved) == len(lora) // 2  # every LoRA B moved off zero (A's gradient is zero at step 1)
