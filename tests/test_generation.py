@@ -112,6 +112,16 @@ def test_a_cache_longer_than_needed_and_a_prompt_without_padding_give_the_same_t
 
 
 @torch.no_grad()
+def test_eager_attention_takes_the_mask_added_and_gives_the_same_tokens():
+    module = _module("llama", attn_implementation="eager")
+    model, pad, eos = module.model, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+    assert model.config._attn_implementation == "eager"
+    ids, mask = _prompts(pad)
+    expected = _generate(model, ids, mask, 10, eos, pad)
+    assert torch.equal(greedy(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad).tokens, expected)
+
+
+@torch.no_grad()
 def test_both_paths_decode_greedily_without_the_checkpoints_repetition_penalty():
     module = _module()
     model, pad = module.model, module.tokenizer.pad_token_id
