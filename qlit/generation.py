@@ -21,9 +21,10 @@ without them; a config that sets other processors (forced or suppressed tokens) 
 :class:`Generator` chooses the path (``QLitModule.generation``): ``graphs`` insists on the recorded decode step,
 ``eager`` keeps transformers' ``generate``, ``auto`` records where it can (one CUDA device, an unquantized or 4-bit
 base, SDPA or eager attention, full attention in every layer, no prompt-learning adapter) and otherwise runs
-``generate``, said in one line on a GPU. The recorded shapes (rows × cache length, rounded up) are kept for the
-next call of the same shape until :meth:`Generator.release`. On the CPU the static-cache loop runs without graphs
-when asked directly (:func:`greedy`), which is how its tokens are tested against ``generate``.
+``generate``, said in one line on a GPU. A recorded step (rows × cache length, rounded up) serves every later
+call of its batch size whose prompt and new tokens its cache holds, until :meth:`Generator.release`. On the CPU
+the static-cache loop runs without graphs when asked directly (:func:`greedy`), which is how its tokens are tested
+against ``generate``.
 """
 
 from __future__ import annotations
