@@ -177,7 +177,7 @@ def _reason(err: BaseException) -> str:
 
 # ----- how a new LoRA adapter starts ----------------------------------------------------------------------------------
 #: The ``init_lora_weights`` values qlit runs, as a config writes them.
-LORA_INITS = ("true", "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva", "corda", "loftq")
+LORA_INITS = ("true", "false", "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva", "corda", "loftq")
 _FIELD = "model.init_args.adapter.init_args.init_lora_weights"
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 #: The families whose start moves part of each weight into the adapter and leaves the residual in the base: the
@@ -203,7 +203,8 @@ _EVA_BATCHES, _EVA_PASSES = 16, 4
 
 def _init_family(value: object) -> str | None:
     """The family of an ``init_lora_weights`` value (``default``, ``pissa``, ...), or ``None`` if qlit runs none."""
-    if value is True or value == "gaussian":
+    # false: peft's random start of both factors (the adapter is not the identity at step 0), nothing else changes.
+    if isinstance(value, bool) or value == "gaussian":
         return "default"
     if value == "pissa" or (isinstance(value, str) and _PISSA_NITER.fullmatch(value)):
         return "pissa"
