@@ -217,7 +217,7 @@ STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
 def test_each_shipped_study_opens_with_its_command_and_has_both_forms():
     names = {path.stem for path in STUDIES}
     offline = {name.removesuffix("_offline") for name in names if name.endswith("_offline")}
-    assert len(offline) == 5 and {name for name in names if not name.endswith(("_offline", "_gpu_random"))} == offline
+    assert len(offline) == 6 and {name for name in names if not name.endswith(("_offline", "_gpu_random"))} == offline
     assert {"gpt2_techniques_gpu_random", "qwen_sst2_ranks_gpu_random"} <= names
     for path in STUDIES:
         assert path.read_text().splitlines()[0] == f"# qlit sweep configs/studies/{path.name}"

@@ -36,7 +36,7 @@ throughput and generation numbers are global, summed or gathered over ranks.
 | `val/latency_ms_mean` | ms | latency probe: mean time to generate a fixed number of tokens for one of fixed prompts |
 | `val/latency_ms_p95` | ms | 95th percentile of that latency |
 | `val/gen_tokens_per_sec` | tokens/s | the probe's generated tokens per second of generation time, all devices |
-| `val/prefill_ms` | ms | the probe, one prompt at a time: mean prefill time (the prompt's forward pass and first token) |
+| `val/prefill_ms` | ms | the probe, one prompt at a time: mean prefill time (the forward pass and first token) |
 | `val/decode_ms_per_token` | ms | the probe, one prompt at a time: decoding time per new token after the first |
 | `val/batch_prefill_ms` | ms | the probe at the validation batch (the pass's first batch at once): its prefill |
 | `val/batch_decode_ms_per_token` | ms | the same: time per decoding step (every row's next token) |

@@ -46,7 +46,7 @@ def test_one_hparams_record_with_the_study_columns_and_the_final_metrics_linked(
     linked = [info.name.tag for info in experiment.metric_infos]
     assert linked == [
         *("val/loss", "val/accuracy", "cpu/peak_rss_gib", "train/tokens_per_sec", "val/latency_ms_mean"),
-        *("time/fit_seconds", "val/perplexity"),
+        *("val/decode_ms_per_token", "time/fit_seconds", "val/perplexity"),
     ]
     assert all(info.name.group == "" for info in experiment.metric_infos)  # the run's own scalars
     # TensorBoard's table reads each linked metric's last scalar in the run: every one holds a real value.
