@@ -31,21 +31,12 @@ class BitNet(QuantBackend):
     }
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "full":
             return "BitNet b1.58"  # trained through its ternary weights (QAT)
         if adapter == "LoraConfig":
             return "QLoRA + BitNet"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
+        return super().technique_label(mode, adapter, **label_args)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig

@@ -63,19 +63,10 @@ class Int8(BitsAndBytes):
     }
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
             return "8-bit + LoRA"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
+        return super().technique_label(mode, adapter, **label_args)
 
     def adapter_refusal(self, adapter: Any) -> str | None:
         from peft import LoraConfig
@@ -121,19 +112,10 @@ class FourBit(BitsAndBytes):
     }
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
-            return f"QLoRA ({cls.base_label(mode, double_quant=double_quant)})"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits)
+            return f"QLoRA ({cls.base_label(mode, double_quant=label_args.get('double_quant'))})"
+        return super().technique_label(mode, adapter, **label_args)
 
     def init_lora(self, model: Any, init: str, weights: Path) -> None:
         import bitsandbytes as bnb

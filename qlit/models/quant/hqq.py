@@ -51,19 +51,10 @@ class HQQ(QuantBackend):
         return f"{cls.labels.get(mode, mode)} {bits or DEFAULT_BITS}-bit"
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
-            return f"{cls.base_label(mode, bits=bits)} + LoRA"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype, bits=bits, scheme=scheme)
+            return f"{cls.base_label(mode, bits=label_args.get('bits'))} + LoRA"
+        return super().technique_label(mode, adapter, **label_args)
 
     # ----- the spec ---------------------------------------------------------------------------------------------------
     @property

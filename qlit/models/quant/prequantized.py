@@ -66,19 +66,10 @@ class Prequantized(QuantBackend):
     has_original: ClassVar[bool] = False  # the checkpoint holds its quantized weights only
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
             return f"{cls.base_label(mode)} + LoRA"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+        return super().technique_label(mode, adapter, **label_args)
 
     def load_kwargs(self, device: torch.device) -> dict[str, Any]:
         # The checkpoint's own quantization_config is used as it is; the whole model goes onto this process's device.
@@ -111,19 +102,10 @@ class CompressedTensors(Prequantized):
         return f"W{bits}A16" if mode == UNNAMED else f"{cls.labels.get(mode, mode)} {bits}-bit"
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
-            return f"{cls.base_label(mode, bits=bits)} + LoRA"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+            return f"{cls.base_label(mode, bits=label_args.get('bits'))} + LoRA"
+        return super().technique_label(mode, adapter, **label_args)
 
     def check_options(self) -> None:
         bits = self.spec.bits
@@ -221,19 +203,10 @@ class StoredBitsAndBytes(Prequantized, BitsAndBytes):
     packs_weights: ClassVar[bool] = True  # two 4-bit weights to a byte
 
     @classmethod
-    def technique_label(
-        cls,
-        mode: str,
-        adapter: str | None,
-        *,
-        double_quant: bool | None = None,
-        dtype: str | None = None,
-        bits: int | None = None,
-        scheme: str | None = None,
-    ) -> str | None:
+    def technique_label(cls, mode: str, adapter: str | None, **label_args: Any) -> str | None:
         if adapter == "LoraConfig":
             return f"QLoRA ({cls.base_label(mode)})"
-        return super().technique_label(mode, adapter, double_quant=double_quant, dtype=dtype)
+        return super().technique_label(mode, adapter, **label_args)
 
     @classmethod
     def stored_spec(cls, stored: Mapping[str, Any], *, name: str, read_file: Callable[[str], str | None]) -> Any:
