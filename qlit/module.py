@@ -616,8 +616,9 @@ class QLitModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        # A schedule without its length gets the trainer's estimate at on_train_start, not here: under max_epochs the
+        # estimate sets up the training loader, whose iterator Lightning then creates before a checkpoint's position
+        # in the epoch is restored, so a run resumed mid-epoch would replay the epoch from its first batch.
         self._planned_schedule = _schedule_plan(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -735,6 +736,10 @@ class QLitModule(pl.LightningModule):
         if not plan or not configs:
             return
         scheduler = configs[0].scheduler
+        if plan["total_steps"] is None:  # here, after the restore: see configure_optimizers
+            plan["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if scheduler.total_steps is None:  # not restored from a checkpoint: this run's own schedule, from step 0
+            scheduler.total_steps = plan["total_steps"]
         stored = _schedule_plan(scheduler)
         if stored == plan:
             return

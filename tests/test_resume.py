@@ -196,6 +196,58 @@ def test_sigterm_on_an_epochs_last_batch_resumes_at_the_next_epochs_start(tmp_pa
     assert_same_trajectory(per_step(tmp_path / "logs"), eight_steps)
 
 
+class RecordBatches(Callback):
+    """Every training batch a run trains: (step, epoch, index in the epoch, its input ids)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int, list[list[int]]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, trainer.current_epoch, batch_idx, batch["input_ids"].tolist()))
+
+
+# Two epochs of 4 batches bounded by max_epochs alone (the 8 steps are Lightning's estimate, not max_steps).
+TWO_EPOCHS = ["--trainer.max_epochs", "2", "--trainer.max_steps", "-1"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> tuple[Path, dict[int, list[float]], list]:
+    """The uninterrupted max_epochs-bounded run: its folder (checkpoints at steps 3 and 6), losses and batches."""
+    tmp = tmp_path_factory.mktemp("epochs")
+    record = RecordBatches()
+    fit(tmp, *TWO_EPOCHS, callbacks=(record,))
+    return tmp, per_step(tmp / "logs"), record.seen
+
+
+def assert_continues(tmp_path: Path, two_epochs, ckpt: Path, *args: str) -> None:
+    """Resumed from ``ckpt`` under max_epochs, the run trains the rest of the uninterrupted run's batches, in order,
+    with its losses."""
+    _, whole_losses, whole_batches = two_epochs
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    record = RecordBatches()
+    fit(tmp_path, *TWO_EPOCHS, *args, "--ckpt_path", str(ckpt), callbacks=(record,))
+    # Before, estimated_stepping_batches (asked for the schedule's length before the checkpoint was restored) made
+    # Lightning create the loader's iterator early, so the restored position never reached it: the epoch restarted
+    # at batch 0 and the losses left the uninterrupted run's from the first resumed step on.
+    assert record.seen == [b for b in whole_batches if b[0] >= step]
+    assert_same_trajectory(per_step(tmp_path / "logs"), {s: v for s, v in whole_losses.items() if s >= step})
+
+
+@pytest.mark.parametrize("step", [3, 6], ids=["epoch0", "epoch1"])
+def test_a_mid_epoch_checkpoint_resumes_where_it_stopped_under_max_epochs(tmp_path, two_epochs, step):
+    ckpt = next((two_epochs[0] / "logs").rglob(f"*step={step}.ckpt"))
+    assert_continues(tmp_path, two_epochs, ckpt, "--checkpoint.every_n_train_steps", "0")
+
+
+def test_sigterm_mid_epoch_resumes_where_it_stopped_under_max_epochs(tmp_path, two_epochs):
+    part = tmp_path / "part"
+    with pytest.raises(SIGTERMException):
+        fit(part, *TWO_EPOCHS, "--checkpoint.every_n_train_steps", "0", callbacks=(SignalAtBatch(1),))
+    last = next((part / "logs").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert_continues(tmp_path / "rest", two_epochs, last, "--checkpoint.every_n_train_steps", "0")
+
+
 def test_sigterm_between_accumulated_micro_batches_finishes_the_optimizer_step(tmp_path):
     accumulate = ["--trainer.accumulate_grad_batches", "2", "--checkpoint.every_n_train_steps", "0"]
     fit(tmp_path / "whole", *accumulate, "--trainer.max_steps", "5")
