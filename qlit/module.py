@@ -737,7 +737,13 @@ class QLitModule(pl.LightningModule):
             return
         scheduler = configs[0].scheduler
         if plan["total_steps"] is None:  # here, after the restore: see configure_optimizers
-            plan["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise QlitError(
+                    "The learning-rate schedule needs the fit's length, but the fit has no end: set "
+                    "trainer.max_steps or trainer.max_epochs, or the scheduler's total_steps."
+                )
+            plan["total_steps"] = int(steps)
         if scheduler.total_steps is None:  # not restored from a checkpoint: this run's own schedule, from step 0
             scheduler.total_steps = plan["total_steps"]
         stored = _schedule_plan(scheduler)

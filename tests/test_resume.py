@@ -307,3 +307,12 @@ def test_a_loaders_position_applies_to_its_own_epoch_only(packed):
     resumed = _loader(packed, done)
     resumed.load_state_dict({"epoch": 0, "batches_done": 3})
     assert _epoch(resumed, 1) == epochs[1]
+
+
+def test_a_fit_without_an_end_names_what_its_schedule_needs(tmp_path, capsys):
+    # The warm-up + cosine schedule spans the fit: with neither max_steps nor max_epochs it has no length to span.
+    code = run_main(*cli_args(tmp_path, "fit", *FP32, "--trainer.max_steps", "-1"))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "the fit has no end: set trainer.max_steps or trainer.max_epochs" in err, err
+    assert "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))
