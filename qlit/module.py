@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import MeanMetric, MetricCollection
 
 from qlit.batch import IGNORE_INDEX, Batch, samples_in
@@ -245,6 +246,14 @@ class QLitModule(pl.LightningModule):
     @property
     def has_adapter(self) -> bool:
         return self.adapter is not None or self.adapter_path is not None
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by DistributedDataParallel when it wraps this module (plain DDP), which otherwise broadcasts every
+        # parameter from rank 0. The frozen base is the same checkpoint loaded the same way on every rank, so only
+        # what trains is sent: that saves sending the whole base, and torchao's quantized weights (tensor subclasses)
+        # cannot be sent at all (DDP's broadcast bucket views them flat, an op Int8Tensor does not implement).
+        return [name for name, param in self.named_parameters() if not param.requires_grad]
 
     def study_hparams(self) -> dict[str, Any]:
         """The columns a quantization study compares runs by (TensorBoard's hparams table).
@@ -833,11 +842,16 @@ class QLitModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return None
+        loader = datamodule.val_dataloader()
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            # Under several processes the loader holds this rank's share of the rows; the end of fit measures on
+            # rank 0 alone, so it reads every row, in the split's order, as one process does.
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
         was_training = self.training
         self.eval()
         total = tokens = 0.0
         try:
-            for batch in datamodule.val_dataloader():
+            for batch in loader:
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += float(self(batch, model=model).loss) * n
