@@ -71,11 +71,13 @@ from qlit.callbacks.timing import TrainingTimeMonitor
 ALWAYS_ON: dict[str, type[Callback]] = {
     "interrupt": InterruptCheckpoint,  # a checkpoint on SIGTERM or Ctrl+C
     "params": TrainableParamsMonitor,
-    "fidelity": QuantizationFidelity,  # off unless enabled: the stored base against its unquantized original
     "memory": GPUMemoryMonitor,
     "throughput": TokenThroughputMonitor,
     "latency": InferenceLatencyMonitor,
     "timing": TrainingTimeMonitor,
+    # Off unless enabled: the stored base against its unquantized original. After the costs, which stay the first
+    # columns TensorBoard ticks, and after the timing's start-up clock stops (a second model load is not set-up).
+    "fidelity": QuantizationFidelity,
     "predictions": PredictionWriter,  # `qlit predict` writes predictions.jsonl in the run directory
 }
 

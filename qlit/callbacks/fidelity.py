@@ -3,6 +3,7 @@ original."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from typing import Any
@@ -56,6 +57,10 @@ class QuantizationFidelity(Callback):
         if batches < 0:
             raise QlitError(f"fidelity.batches must be 0 or more (0: the weights only), got {batches}.")
         self.enabled = enabled
+        if enabled:  # a measured run links its fidelity in TensorBoard's HPARAMS table, beside the costs
+            self.metric_specs = tuple(
+                dataclasses.replace(s, study=True) if s.aggregate else s for s in self.metric_specs
+            )
         self.batches = batches
         self.original = original
         self.metrics: dict[str, float] = {}

@@ -125,3 +125,25 @@ def test_a_pre_quantized_checkpoint_is_measured_against_the_model_it_was_made_fr
     # The same original on the same validation batches as the NF4 run's: the same loss.
     nf4 = runs[1]["nf4"][1]
     assert logged["fidelity/original_val_loss"][0][1] == pytest.approx(nf4["fidelity/original_val_loss"][0][1])
+
+
+def test_tensorboards_hparams_table_links_the_fidelity_of_a_measured_run(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    tmp, measured = runs
+    (run_dir,) = {p.parent for p in (tmp / "nf4" / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
+    linked = [i.name.tag for i in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
+    # After the costs, so that the five columns TensorBoard ticks stay loss, the task's metric and the costs.
+    assert linked[linked.index("time/fit_seconds") + 1 :][:3] == [
+        *("fidelity/weight_rel_error", "fidelity/base_val_loss", "fidelity/perplexity_ratio")
+    ]
+    assert linked[:2] == ["val/loss", "val/accuracy"] and "fidelity/weight_rel_error_max" not in linked
+    # The table reads each linked tag's last scalar: the run logged every one of them.
+    _, logged = measured["nf4"]
+    assert events.Scalars("fidelity/perplexity_ratio")[-1].value == pytest.approx(
+        logged["fidelity/perplexity_ratio"][-1][1]
+    )
