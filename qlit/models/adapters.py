@@ -1,9 +1,10 @@
 """Which peft methods qlit can train on which base: refused pairs fail before any weight is loaded.
 
 Every peft method is passed by ``class_path`` and applied by peft itself. This module knows only the settings that
-peft 0.21 + bitsandbytes 0.50 accept when the adapter is built and then break in the first training steps, or refuse
-only after the weights have loaded; each was found by training the tiny models (``tests/test_adapters.py`` trains
-every supported pair of the README's support matrix and checks that each refused pair still fails in peft). The
+peft 0.22 + bitsandbytes 0.50 accept when the adapter is built and then break in the first training steps, or refuse
+only after the weights have loaded; each was found by training the tiny models (``tests/models/test_adapters.py``
+trains every supported pair of the support matrix in docs/quantization.md and checks that each refused pair still
+fails in peft). The
 refusals that depend on how the base is stored are its quantization backend's (``QuantBackend.adapter_refusal``).
 
 A new LoRA adapter starts as its ``init_lora_weights`` says (:func:`start_adapter`): peft's default, PiSSA, OLoRA,
