@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -71,3 +74,18 @@ def packable_rows(vocab: int) -> list[dict]:
         ids = torch.randint(3, vocab, (n,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "prompt_length": prompt})
     return rows
+
+
+def launch(command: list[str], cwd: Path, timeout: float, *paths: Path) -> str:
+    """Run ``command`` (a multi-process launch) in ``cwd`` with qlit, the tests and ``paths`` importable, within
+    ``timeout`` seconds (a rank waiting in a collective another never joins fails the test instead of hanging); it
+    must exit cleanly, without a traceback. Its console."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT, ROOT / "tests", *paths))}
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{command[2:5]} did not end within {timeout} s: {(err.stderr or b'')[-3000:]!r}")
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-4000:]
+    assert "Traceback" not in console, console[-4000:]
+    return console

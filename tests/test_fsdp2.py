@@ -8,15 +8,13 @@ with the same global batch is the reference. Run as a script, this file is the r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT, run_cli, run_main, scalars
+from helpers import ROOT, launch, run_cli, run_main, scalars
 
 from qlit.errors import QlitError
 
@@ -115,19 +113,6 @@ def sharded_fits(tmp: Path, ranks: int, one_process: dict[str, Path]) -> list[li
     return fits
 
 
-def launch(command: list[str], tmp: Path) -> str:
-    """Run ``command`` (a multi-process launch) with a time limit; its console."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    try:
-        done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{command[2:5]} did not end within {TIMEOUT} s: {(err.stderr or b'')[-3000:]!r}")
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-4000:]
-    assert "Traceback" not in console, console[-4000:]
-    return console
-
-
 def losses(directory: Path, tag: str = "train/loss") -> dict[int, float]:
     return dict(scalars(directory)[tag])
 
@@ -143,7 +128,7 @@ def sharded(tmp_path_factory, one_process) -> tuple[Path, str]:
     spec = tmp / "fits.json"
     spec.write_text(json.dumps(sharded_fits(tmp, 2, one_process)))
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return tmp, launch([*run, str(Path(__file__)), str(spec)], tmp)
+    return tmp, launch([*run, str(Path(__file__)), str(spec)], tmp, TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +266,7 @@ def test_four_ranks_launched_by_qlit_fit_train_as_one_process_each_holding_a_qua
     # Two steps of one row per rank; Lightning starts the other three processes, as on one machine with 4 GPUs.
     fit = sharded_fit(tmp_path, "qwen2-nf4", 4, into="four")
     command = [sys.executable, "-m", "qlit", *fit, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
-    launch(command, tmp_path)
+    launch(command, tmp_path, TIMEOUT)
     got, expected = losses(run_dir(tmp_path, "four")), losses(one_process["qwen2-nf4"])
     assert [got[0], got[1]] == pytest.approx([expected[0], expected[1]], abs=1e-5)
     one, rank = (

@@ -12,15 +12,13 @@ file is the ranks' side of the launch.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT, scalars
+from helpers import launch, scalars
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_every_backend import BACKENDS, fit, losses, run_dir
 
@@ -112,18 +110,8 @@ def two_ranks(tmp_path_factory, tiny_qwen2) -> Path:
     tmp = tmp_path_factory.mktemp("ddp")
     spec = tmp / "fits.json"
     spec.write_text(json.dumps(_fits(tmp)))
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(here)])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    try:
-        done = subprocess.run(
-            [*command, __file__, str(spec)], cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"the two-rank launch did not end within {TIMEOUT} s: {(err.stderr or b'')[-3000:]!r}")
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-4000:]
-    assert "Traceback" not in console, console[-4000:]
+    launch([*command, __file__, str(spec)], tmp, TIMEOUT, Path(__file__).resolve().parent)
     return tmp
 
 
