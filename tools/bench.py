@@ -10,6 +10,7 @@ by a token budget). tokens/s counts real tokens only.
     python tools/bench.py --max-context qwen2.5-7b --against-peer UNSLOTH.py   # the longest row that trains
     python tools/bench.py --against-peer PEER.py --set cuda_graphs=false  # the same, qlit with other options
     python tools/bench.py --ablation                      # each optimisation added in turn, one process each
+    python tools/bench.py --backends                      # qlit's LoRA on each quantization backend, against NF4
     python tools/bench.py '[{"model": "qwen2.5-0.5b", "workload": "sft", "bs": 8}]'   # qlit alone, JSON lines
 
 ``PEER.py`` is a peer's script, run as it is: the standard recipe (transformers ``Trainer`` + peft + bitsandbytes),
@@ -21,7 +22,9 @@ and runs by 5-10 %: compare within one call, by the ratio.
 
 Keys of a qlit spec: model (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b), workload (full | sft), bs (rows per step; qlit
 packs up to ``bs`` × ``seq`` tokens per step, what ``bs`` padded rows can hold), seq (longest row), steps (timed),
-warmup (untimed), quant (nf4 | none), ckpt (gradient checkpointing: auto | true | false | layers), optim
+warmup (untimed), quant (none, a quantization mode or a built-in study strategy of a backend: nf4, qlora, lora-hqq4,
+lora-torchao-int8, torchao-int4, qat-lora, gptq, ...; ``gptq`` is the model quantized by qlit's GPTQ once, then loaded
+as stored), ckpt (gradient checkpointing: auto | true | false | layers), optim
 (paged_adamw_32bit | paged_adamw_8bit | adamw_torch), r (LoRA rank), packing (default true), max_tokens (the packing
 budget; default bs × seq, qlit's default), attention (auto | sdpa), kernels (auto | liger | none), compile (decoder
 layers through torch.compile), prepare_kbit (auto, the default: fp32 copies of the frozen norms and embeddings
@@ -87,6 +90,57 @@ ABLATION = (
 )
 #: The workloads ``--ablation`` runs: (workload, model, rows per step).
 ABLATION_PLAN = (("sft", "qwen2.5-0.5b", 8), ("full", "qwen2.5-7b", 4))
+
+
+#: ``--backends``: the quantization backends qlit trains LoRA on, as ``quant`` spec values (NF4 + double quantization,
+#: the QLoRA recipe's, first: the ratios' reference), and the rows they run on.
+BACKENDS = (
+    "qlora",
+    "lora-int8",
+    "lora-hqq4",
+    "lora-torchao-int8",
+    "torchao-int4",
+    "qat-lora",
+    "qlora-bitnet",
+    "gptq",
+    "none",
+)
+BACKENDS_PLAN = (("full", "qwen2.5-0.5b", 8), ("full", "qwen2.5-7b", 4))
+#: ``quant`` values that are not a mode or a backend's study strategy.
+EXTRA_QUANT: dict[str, dict[str, Any]] = {
+    "torchao-int4": {"mode": "torchao", "scheme": "int4_weight_only"},
+    "gptq": {"mode": "prequantized"},
+}
+
+
+def quantization_fields(quant: str) -> dict[str, Any]:
+    """The ``Quantization`` fields of a ``quant`` spec value (see the module docstring)."""
+    from qlit.models.quant.base import backend_modes, backend_strategies
+
+    if quant in EXTRA_QUANT:
+        return dict(EXTRA_QUANT[quant])
+    strategies = backend_strategies()
+    if quant in strategies:
+        fields = {k: v for k, v in strategies[quant].items() if k != "lora" and v is not None}
+        return fields
+    if quant in backend_modes():
+        return {"mode": quant}
+    known = ", ".join(dict.fromkeys([*backend_modes(), *strategies, *EXTRA_QUANT]))
+    raise SystemExit(f"quant {quant!r}: expected one of {known}.")
+
+
+def gptq_dir(name: str) -> str:
+    """The model of :func:`model_dir`, quantized once by qlit's GPTQ (4 bits, groups of 128, 16 calibration rows:
+    speed and memory do not depend on the calibration) and saved as compressed-tensors stores it."""
+    from qlit.models.loading import load_tokenizer
+    from qlit.models.quant.prequantized import quantize_checkpoint
+
+    source, target = model_dir(name), os.path.join(MODELS_DIR, f"{name}-gptq")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):  # calibration text needs a tokenizer
+            load_tokenizer("qlit-random/qwen2.5-0.5b").save_pretrained(source)
+        quantize_checkpoint(source, target, method="gptq", bits=4, group_size=128, calibration_rows=16, device="cuda")
+    return target
 
 
 def model_dir(name: str) -> str:
@@ -194,11 +248,13 @@ def run(
     from peft import LoraConfig
 
     from qlit.callbacks import ALWAYS_ON
+    from qlit.callbacks.params import weight_bytes
     from qlit.data.batching import Collator, PackingCollator, data_loader
     from qlit.models.quantization import Quantization
     from qlit.module import QLitModule
 
-    path = model_dir(model)
+    fields = quantization_fields(quant) if quant != "none" else {}
+    path = gptq_dir(model) if fields.get("mode") == "prequantized" else model_dir(model)
     gc.collect()  # nothing of an earlier run in this process may count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -207,7 +263,7 @@ def run(
         dtype="bfloat16",
         attn_implementation=attention,
         kernels=kernels,
-        quantization=Quantization(mode=quant) if quant != "none" else Quantization(),
+        quantization=Quantization(**fields),
         adapter=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         gradient_checkpointing=ckpt,
         compile=compile,
@@ -246,6 +302,7 @@ def run(
     )
     trainer.fit(module, train_dataloaders=loader)
     elapsed = timer.end - timer.start
+    packed = module.quantization.backend.packed_layers(module.model)
     tokens = int(torch.stack(timer.tokens[:steps]).sum())
     out = dict(
         tool="qlit",
@@ -273,11 +330,21 @@ def run(
         peak_alloc_gib=round((torch.cuda.max_memory_allocated() + module.graph_held_bytes) / 2**30, 2),
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
         step_s=round(elapsed / steps, 4),
+        weight_gib=round(weight_bytes(module.model, packed) / 2**30, 3),
+        technique=_technique(module),
     )
     del trainer, module
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def _technique(module: Any) -> str | None:
+    """How a study names the technique a run trained (``QLoRA (NF4 + DQ)``, ``HQQ 4-bit + LoRA``)."""
+    from qlit.study.techniques import technique
+
+    q = module.quantization
+    return technique(q.mode, "LoraConfig", q.uses_double_quant, "bfloat16", q.bits, q.scheme)
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
@@ -449,6 +516,42 @@ def ablation(steps: int, warmup: int, plan: list[tuple[str, str, int]]) -> list[
     return rows
 
 
+def backends(
+    steps: int, warmup: int, plan: list[tuple[str, str, int]], quants: tuple[str, ...] = BACKENDS
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """qlit's defaults with the base stored by each of ``quants`` (the first is the reference), on each row of
+    ``plan``, each in its own process; return (quant, one result per row)."""
+    rows: list[tuple[str, list[dict[str, Any]]]] = [(quant, []) for quant in quants]
+    for workload, model, bs in plan:
+        model_dir(model)
+        for quant, results in rows:
+            spec = dict(model=model, workload=workload, bs=bs, steps=steps, warmup=warmup, quant=quant)
+            out = _subprocess([sys.executable, __file__, json.dumps([spec])])
+            print(json.dumps(dict(backend=quant, **out)), flush=True)
+            results.append(out)
+    return rows
+
+
+def backends_table(plan: list[tuple[str, str, int]], rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Per backend and row: tokens/s, peak GiB and weight GiB, and the three as ratios to the first backend's."""
+    heads = [
+        f"{model} `{workload}`, {bs}: tokens/s, peak GiB, weight GiB (× {rows[0][0]})" for workload, model, bs in plan
+    ]
+    lines = ["| technique | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(plan)]
+    reference = rows[0][1]
+    for quant, results in rows:
+        named = next((r["technique"] for r in results if r.get("technique")), quant)
+        cells = []
+        for out, ref in zip(results, reference, strict=True):
+            if "tokens_per_s" not in out:
+                cells.append(f"error: {str(out.get('error'))[:80]}")
+                continue
+            ratios = ", ".join(_ratio(out, ref, key) for key in ("tokens_per_s", "peak_alloc_gib", "weight_gib"))
+            cells.append(f"{out['tokens_per_s']:,}, {out['peak_alloc_gib']:.2f}, {out['weight_gib']:.2f} ({ratios})")
+        lines.append(f"| {named} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cell(r: dict[str, Any]) -> str:
     if "tokens_per_s" not in r:
         return f"error: {str(r.get('error'))[:60]}"
@@ -535,6 +638,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-context", metavar="MODEL", help="the longest packed row MODEL trains, qlit and peers")
     parser.add_argument("--budget", default="100%", help="--max-context: qlit's memory_budget (GiB or a share)")
     parser.add_argument("--ablation", action="store_true", help="qlit alone, one optimisation added per row")
+    parser.add_argument(
+        "--backends", nargs="*", metavar="QUANT", help="qlit alone on each quantization backend (default: all)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument(
@@ -553,6 +659,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablation:
         plan = _plan(args.only, ABLATION_PLAN)
         print(ablation_table(plan, ablation(args.steps, args.warmup, plan)))
+        return
+    if args.backends is not None:
+        quants = tuple(args.backends) or BACKENDS
+        for quant in quants:
+            if quant != "none":
+                quantization_fields(quant)  # an unknown name is one sentence before anything runs
+        plan = _plan(args.only, BACKENDS_PLAN)
+        print(backends_table(plan, backends(args.steps, args.warmup, plan, quants)))
         return
     if args.max_context:
         if args.max_context not in QWEN25:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--group-size", type=int, default=32, help="weights sharing one scale (divides the inputs)")
     parser.add_argument("--calibration-rows", type=int, default=64, help="SST-2 sample sentences to calibrate on")
+    parser.add_argument("--device", default="cpu", help="where to calibrate and round (cuda for a large model)")
     args = parser.parse_args(argv)
     if args.target.exists():
         parser.error(f"{args.target} exists: choose a new directory")
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
         bits=args.bits,
         group_size=args.group_size,
         calibration_rows=args.calibration_rows,
+        device=args.device,
     )
 
 

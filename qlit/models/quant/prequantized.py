@@ -344,6 +344,7 @@ def quantize_checkpoint(
     calibration_rows: int = 64,
     max_length: int = 64,
     dampening: float = 0.01,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Quantize the Llama-style model in ``source`` (``save_pretrained`` format) and write it to ``target`` as
     compressed-tensors writes it (``pack-quantized``, a ``quantization_config`` and llm-compressor's ``recipe.yaml``),
@@ -362,6 +363,8 @@ def quantize_checkpoint(
         calibration_rows: sentences of the calibration set.
         max_length: tokens per calibration sentence at most.
         dampening: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it.
+        device: where the model is calibrated and its weights rounded (``cuda`` for a large model: GPTQ rounds one
+            column at a time); it is written from the CPU.
 
     Returns:
         ``target``.
@@ -376,13 +379,13 @@ def quantize_checkpoint(
     _quiet_compressed_tensors()
     source, target = Path(source), Path(target)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(device)
     layers = _decoder_layers(model, str(source))
     for layer in layers:
         for name, linear in _linears(layer):
             if linear.in_features % group_size:
                 raise QlitError(f"group_size {group_size} does not divide {name}'s {linear.in_features} inputs.")
-    batch = _calibration(tokenizer, calibration_rows, max_length)
+    batch = {key: value.to(device) for key, value in _calibration(tokenizer, calibration_rows, max_length).items()}
     qparams: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
         for layer in layers:
@@ -398,7 +401,8 @@ def quantize_checkpoint(
                     scale, zero = _qparams(linear.weight, bits, group_size, symmetric=True)
                     weight = _fake_quantize(linear.weight, scale, zero, bits, group_size)
                 linear.weight.copy_(weight)
-                qparams[linear] = (scale, zero)
+                qparams[linear] = (scale.cpu(), zero.cpu())
+    model.to("cpu")
     _save_compressed(model, qparams, target, method=method, bits=bits, group_size=group_size)
     if target != source:
         tokenizer.save_pretrained(target)
@@ -499,15 +503,15 @@ def _gptq(
     dead = torch.diag(h) == 0  # inputs that are always zero: any value computes the same
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += dampening * torch.mean(torch.diag(h)) * torch.eye(columns)
+    h += dampening * torch.mean(torch.diag(h)) * torch.eye(columns, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     qmin, qmax = _qrange(bits)
-    scales = torch.zeros(w.shape[0], columns // group_size)
+    scales = torch.zeros(w.shape[0], columns // group_size, device=w.device)
     zeros = torch.zeros_like(scales)
     quantized = torch.zeros_like(w)
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        w1, err = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start)
+        w1, err = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, device=w.device)
         h1 = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
