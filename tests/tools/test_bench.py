@@ -117,3 +117,34 @@ def test_max_context_doubles_then_bisects_to_the_longest_row_that_trains(monkeyp
     assert tried[:4] == [8192, 16384, 32768, 65536]  # doubling until a row fails
     assert out["longest"] == 49152 and out["failed_at"] - out["longest"] <= 4096
     assert out["tokens_per_s"] == 1000
+
+
+def test_every_backend_row_is_a_quantization_qlit_accepts_and_a_bad_name_is_one_sentence() -> None:
+    from qlit.models.quantization import Quantization
+
+    bench = _bench()
+    assert bench.BACKENDS[0] == "qlora"  # the reference of the ratios: the QLoRA recipe's NF4 + DQ
+    for quant in bench.BACKENDS:
+        if quant == "none":
+            continue
+        fields = bench.quantization_fields(quant)
+        if fields.get("scheme") == "int4_weight_only":  # refused off a CUDA GPU, by design
+            with pytest.raises(Exception, match="needs a CUDA GPU"):
+                Quantization(**fields)
+            continue
+        Quantization(**fields)
+    assert bench.quantization_fields("qlora") == {"mode": "nf4", "double_quant": True}
+    with pytest.raises(SystemExit, match="quant 'nf5': expected one of"):
+        bench.quantization_fields("nf5")
+
+
+def test_the_backends_table_gives_each_backend_as_ratios_to_the_first() -> None:
+    bench = _bench()
+    plan = [("full", "qwen2.5-0.5b", 8)]
+    nf4 = dict(tokens_per_s=1000, peak_alloc_gib=2.0, weight_gib=0.5, technique="QLoRA (NF4 + DQ)")
+    hqq = dict(tokens_per_s=500, peak_alloc_gib=3.0, weight_gib=0.6, technique="HQQ 4-bit + LoRA")
+    text = bench.backends_table(plan, [("qlora", [nf4]), ("lora-hqq4", [hqq]), ("gptq", [{"error": "exit 1: OOM"}])])
+    lines = text.splitlines()
+    assert lines[2].startswith("| QLoRA (NF4 + DQ) | 1,000, 2.00, 0.50 (1.00×, 1.00×, 1.00×)")
+    assert lines[3].startswith("| HQQ 4-bit + LoRA | 500, 3.00, 0.60 (0.50×, 1.50×, 1.20×)")
+    assert "error: exit 1: OOM" in lines[4]
