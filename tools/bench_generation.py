@@ -64,8 +64,7 @@ def _module(pretrained: str, quant: str, **kwargs: Any) -> Any:
 
     torch.manual_seed(0)
     quantization = Quantization(mode=quant, double_quant=True) if quant != "none" else Quantization()
-    module = QLitModule(pretrained=pretrained, quantization=quantization, dtype="bfloat16", adapter=_lora(), **kwargs)
-    return module
+    return QLitModule(pretrained=pretrained, quantization=quantization, dtype="bfloat16", adapter=_lora(), **kwargs)
 
 
 def _timed(generate: Any) -> Any:
